@@ -1,0 +1,306 @@
+"""Typed parameters: one frozen pydantic model per section of ``params.yaml``.
+
+Every model forbids unknown keys, so a typo (``pretrain.stpes``) is an error that names the key, never a
+silent default. :func:`load_params` is the only way the pipeline reads parameters; it applies
+``--set KEY=VALUE`` overrides (dotted keys, YAML-typed values, like ``dvc exp run -S``) and raises
+:class:`ParamsError` with one line that names the culprit.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+BUILTIN_2D = ("moons", "8gaussians", "checkerboard", "scurve", "circles", "swissroll", "gaussian")
+BUILTIN_IMAGES = ("digits",)
+DataName = Literal[
+    "gaussian", "moons", "8gaussians", "checkerboard", "scurve", "circles", "swissroll", "digits", "file"
+]
+SolverName = Literal["euler", "heun", "midpoint", "rk45"]
+TimeDist = Literal["uniform", "logit_normal", "u_shaped"]
+LossName = Literal["l2", "pseudo_huber"]
+Precision = Literal["fp32", "bf16"]
+
+PosInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PosFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+UnitFloat = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+
+
+class ParamsError(ValueError):
+    """A params document (or override) is invalid. ``str(err)`` is one line naming the key."""
+
+
+class Section(BaseModel):
+    """Base of every section: frozen, unknown keys forbidden, assignment validated."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+class DataParams(Section):
+    """π0 (``source``) and π1 (``target``): built-in names or ``file`` with a path (CONTRACT.md)."""
+
+    source: DataName = Field("gaussian", description="Source π0: gaussian, a built-in set, or file.")
+    source_path: str | None = Field(None, description="Parquet/.npy/.npz file when source is 'file'.")
+    target: DataName = Field("moons", description="Target π1: a built-in set or file.")
+    target_path: str | None = Field(None, description="Parquet/.npy/.npz file when target is 'file'.")
+    n_train: PosInt = Field(50_000, description="Samples drawn from a 2D generator for training.")
+    n_test: PosInt = Field(5_000, description="Held-out samples (generators) used by evaluate.")
+    test_fraction: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.1, description="Held-out fraction of a finite data set (files, digits)."
+    )
+    noise: NonNegFloat | None = Field(None, description="2D generator noise; None: the set's standard level.")
+    hflip: bool = Field(False, description="Random horizontal flips of image training batches.")
+
+    @model_validator(mode="after")
+    def _paths(self) -> DataParams:
+        for side in ("source", "target"):
+            kind, path = getattr(self, side), getattr(self, f"{side}_path")
+            if kind == "file" and not path:
+                raise ValueError(f"data.{side}_path: required when data.{side} is 'file'")
+        if self.target == "gaussian":
+            raise ValueError("data.target: 'gaussian' is a source, not a target")
+        return self
+
+
+class ModelParams(Section):
+    """Velocity network. ``auto`` picks the MLP for vectors and the U-Net for (c, h, w) data."""
+
+    kind: Literal["auto", "mlp", "unet"] = "auto"
+    hidden: PosInt = Field(256, description="MLP width.")
+    depth: PosInt = Field(3, description="MLP hidden layers.")
+    time_embed: PosInt = Field(64, description="Sinusoidal time-embedding width (even).")
+    channels: PosInt = Field(32, description="U-Net base channels.")
+    channel_mult: list[PosInt] = Field([1, 2], description="U-Net channel multiplier per level.")
+    attention: bool = Field(True, description="U-Net self-attention at the lowest resolution.")
+    dropout: UnitFloat = 0.0
+
+    @field_validator("time_embed")
+    @classmethod
+    def _even(cls, v: int) -> int:
+        if v % 2:
+            raise ValueError("must be even")
+        return v
+
+
+class TrainParams(Section):
+    """One training loop for pretrain, reflow and distill (nanoGPT-style, no trainer framework)."""
+
+    steps: PosInt = 4000
+    batch_size: PosInt = 1024
+    lr: PosFloat = 1e-3
+    weight_decay: NonNegFloat = 0.0
+    warmup: NonNegInt = Field(200, description="Linear learning-rate warm-up steps.")
+    grad_clip: NonNegFloat = Field(1.0, description="Max gradient norm; 0 disables clipping.")
+    ema: UnitFloat = Field(0.999, description="EMA decay of the saved weights; 0 disables EMA.")
+    time_dist: TimeDist = "uniform"
+    loss: LossName = "l2"
+    huber_c: PosFloat | None = Field(None, description="Pseudo-Huber c; default 0.00054·√D.")
+    precision: Precision = Field("fp32", description="bf16 autocast where the hardware has it.")
+    checkpoint_every: PosInt = 1000
+    log_every: PosInt = 50
+
+
+class PretrainParams(TrainParams):
+    coupling: Literal["independent", "minibatch_ot"] = Field(
+        "independent", description="1-RF pairing: fresh independent pairs, or exact OT per batch."
+    )
+
+
+class CoupleParams(Section):
+    """Pairs (Z0, Z1 = ODE(Z0)) of the current flow, streamed to Parquet shards."""
+
+    n_pairs: PosInt = 50_000
+    shard_size: PosInt = 10_000
+    batch_size: PosInt = 10_000
+    solver: SolverName = "rk45"
+    steps: PosInt = Field(100, description="Steps of a fixed-step solver (≥ 100 recommended).")
+    rtol: PosFloat = 1e-5
+    atol: PosFloat = 1e-5
+    precision: Precision = "fp32"
+    workers: PosInt = Field(1, description="Dask workers for shard generation (1: in process).")
+
+
+class ReflowParams(TrainParams):
+    rounds: PosInt = Field(1, description="couple + reflow rounds: 1 makes rf2, 2 makes rf3, ...")
+    steps: PosInt = 3000
+    lr: PosFloat = 5e-4
+    warmup: NonNegInt = 0
+
+
+class DistillParams(TrainParams):
+    k: PosInt = Field(1, description="Student steps: 1 is one-step; k > 1 also trains a k-step one.")
+    steps: PosInt = 3000
+    lr: PosFloat = 2e-4
+    warmup: NonNegInt = 0
+
+
+class QuantizeParams(Section):
+    int8: bool = True
+    half: bool = True
+    backend: Literal["auto", "torchao", "dynamic"] = Field(
+        "auto", description="int8 path: torchao, torch.ao dynamic, or auto (measured choice)."
+    )
+
+
+class GridEntry(Section):
+    """One line of the evaluation grid: which models, which solver, which NFE budgets."""
+
+    models: Literal["flows", "students", "all"] | list[str] = "flows"
+    solver: SolverName = "euler"
+    steps: list[PosInt] | None = Field(
+        None, description="Fixed-step counts; None means the model's own (students) or adaptive."
+    )
+
+
+def _default_grid() -> list[GridEntry]:
+    return [
+        GridEntry(models="flows", solver="euler", steps=[1, 2, 4, 8, 100]),
+        GridEntry(models="flows", solver="rk45"),
+        GridEntry(models="students", solver="euler"),
+    ]
+
+
+class EvaluateParams(Section):
+    n_samples: PosInt = Field(2000, description="Generated and held-out samples per row.")
+    grid: list[GridEntry] = Field(default_factory=_default_grid)
+    straightness_steps: PosInt = 100
+    rtol: PosFloat = 1e-5
+    atol: PosFloat = 1e-5
+    latency_batch: PosInt = 1024
+    mmd_bandwidth: PosFloat | None = Field(None, description="RBF bandwidth; None: median heuristic.")
+
+
+class TrackingParams(Section):
+    mlflow_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI.")
+    experiment: str = "rectflow"
+    registered_model: str = "rectflow-onestep"
+    on_unreachable: Literal["fallback", "fail"] = Field(
+        "fallback", description="MLflow server down: log to local sqlite instead, or stop."
+    )
+
+
+class StorageParams(Section):
+    """Where pairs go. Credentials are never read from here: environment / AWS profile only."""
+
+    backend: Literal["local", "s3"] = "local"
+    endpoint_url: str | None = None
+    bucket: str | None = None
+    prefix: str = "rectflow"
+    region: str = "us-east-1"
+    addressing_style: Literal["path", "virtual", "auto"] = "path"
+
+
+class ScheduleParams(Section):
+    cron: str = Field("0 2 * * *", description="Nightly retraining schedule (cron).")
+    timezone: str = "UTC"
+
+
+class Params(Section):
+    """The whole ``params.yaml``."""
+
+    seed: NonNegInt = 0
+    data: DataParams = DataParams()
+    model: ModelParams = ModelParams()
+    pretrain: PretrainParams = PretrainParams()
+    couple: CoupleParams = CoupleParams()
+    reflow: ReflowParams = ReflowParams()
+    distill: DistillParams = DistillParams()
+    quantize: QuantizeParams = QuantizeParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    tracking: TrackingParams = TrackingParams()
+    storage: StorageParams = StorageParams()
+    schedule: ScheduleParams = ScheduleParams()
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(part) for part in first["loc"])
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif first["type"] in ("literal_error",):
+        msg = f"{msg}, got {first.get('input')!r}"
+    where = f"{source}: " if source else ""
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{where}{loc or '<root>'}: {msg}{more}"
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"pretrain.steps=500"`` -> (["pretrain", "steps"], 500); the value is read as YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ParamsError(f"--set {item!r}: expected KEY=VALUE with a dotted key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"--set {key}: value {raw!r} is not valid YAML ({e.__class__.__name__})") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ParamsError(f"--set {key}: value must be finite, got {raw!r}")
+    return key.strip().split("."), value
+
+
+def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``doc`` with each ``KEY=VALUE`` applied (dotted keys, nested dicts)."""
+    import copy
+
+    out = copy.deepcopy(doc)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = out
+        for i, part in enumerate(path[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ParamsError(f"--set {item.partition('=')[0]}: {'.'.join(path[: i + 1])} is not a section")
+            node = nxt
+        node[path[-1]] = value
+    return out
+
+
+def validate(doc: Any, source: str = "") -> Params:
+    """Validate a parsed params document; raise :class:`ParamsError` naming the first bad key."""
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise ParamsError(f"{source or 'params'}: expected a mapping of sections, got {type(doc).__name__}")
+    try:
+        return Params.model_validate(doc)
+    except ValidationError as e:
+        raise ParamsError(_format_error(e, source)) from None
+    except (TypeError, ValueError) as e:  # defensive: pydantic wraps almost everything
+        raise ParamsError(f"{source or 'params'}: {e}") from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ParamsError(f"{p}: params file not found")
+    try:
+        doc = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ParamsError(f"{p}: not valid YAML{at}") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ParamsError(f"{p}: expected a mapping of sections, got {type(doc).__name__}")
+    return doc
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Read ``path``, apply ``overrides`` (``KEY=VALUE``), validate. Raises :class:`ParamsError`."""
+    doc = apply_overrides(read_yaml(path), overrides or [])
+    return validate(doc, str(path))
+
+
+def dump_params(p: Params) -> dict[str, Any]:
+    """Plain dict (YAML/JSON friendly) of a :class:`Params`."""
+    return p.model_dump(mode="json")

@@ -1,0 +1,240 @@
+"""Data sets for π0 (source) and π1 (target): 2D generators, scikit-learn's digits, user files.
+
+Every loader returns ``float32`` arrays of shape ``(n, *shape)``: ``(n, d)`` for vectors,
+``(n, c, h, w)`` for images (scaled to [−1, 1]). Nothing here downloads anything.
+
+The 2D generators follow the scalings of torchcfm (Tong et al.) where it has them (``moons``,
+``8gaussians``) so that W2 figures are comparable with published ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = [
+    "DataError",
+    "Distribution",
+    "generate_2d",
+    "load_array_file",
+    "load_digits",
+    "make_split",
+    "GENERATORS",
+]
+
+
+class DataError(ValueError):
+    """Bad data: the message names the file or data set and what was expected."""
+
+
+def _rng(seed: int, name: str) -> np.random.Generator:
+    tag = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
+    return np.random.default_rng([seed, tag])
+
+
+def _moons(n: int, rng: np.random.Generator, noise: float | None) -> np.ndarray:
+    from sklearn.datasets import make_moons
+
+    x, _ = make_moons(n, noise=0.2 if noise is None else noise, random_state=int(rng.integers(2**31)))
+    return x * 3 - 1  # torchcfm's sample_moons
+
+
+def _eight_gaussians(n: int, rng: np.random.Generator, noise: float | None) -> np.ndarray:
+    # torchcfm's eight_normal_sample(n, 2, scale=5, var=0.1): covariance sqrt(var)·I.
+    s = 1 / math.sqrt(2)
+    centers = 5 * np.array([(1, 0), (-1, 0), (0, 1), (0, -1), (s, s), (s, -s), (-s, s), (-s, -s)])
+    std = (0.1 if noise is None else noise) ** 0.25
+    return centers[rng.integers(0, 8, n)] + std * rng.standard_normal((n, 2))
+
+
+def _checkerboard(n: int, rng: np.random.Generator, noise: float | None) -> np.ndarray:
+    # FFJORD's checkerboard, on [-4, 4]².
+    x1 = rng.random(n) * 4 - 2
+    x2 = rng.random(n) - rng.integers(0, 2, n) * 2
+    x2 = x2 + np.floor(x1) % 2
+    return np.stack([x1, x2], 1) * 2
+
+
+def _scurve(n: int, rng: np.random.Generator, noise: float | None) -> np.ndarray:
+    from sklearn.datasets import make_s_curve
+
+    x, _ = make_s_curve(n, noise=0.05 if noise is None else noise, random_state=int(rng.integers(2**31)))
+    return x[:, [0, 2]] * 2
+
+
+def _circles(n: int, rng: np.random.Generator, noise: float | None) -> np.ndarray:
+    from sklearn.datasets import make_circles
+
+    x, _ = make_circles(
+        n, factor=0.5, noise=0.05 if noise is None else noise, random_state=int(rng.integers(2**31))
+    )
+    return x * 3
+
+
+def _swissroll(n: int, rng: np.random.Generator, noise: float | None) -> np.ndarray:
+    from sklearn.datasets import make_swiss_roll
+
+    x, _ = make_swiss_roll(n, noise=1.0 if noise is None else noise, random_state=int(rng.integers(2**31)))
+    return x[:, [0, 2]] / 5  # FFJORD's scaling
+
+
+def _gaussian(n: int, rng: np.random.Generator, noise: float | None) -> np.ndarray:
+    return rng.standard_normal((n, 2))
+
+
+GENERATORS: dict[str, Callable[[int, np.random.Generator, float | None], np.ndarray]] = {
+    "moons": _moons,
+    "8gaussians": _eight_gaussians,
+    "checkerboard": _checkerboard,
+    "scurve": _scurve,
+    "circles": _circles,
+    "swissroll": _swissroll,
+    "gaussian": _gaussian,
+}
+
+
+def generate_2d(name: str, n: int, seed: int, noise: float | None = None) -> np.ndarray:
+    """``n`` samples of the built-in 2D set ``name``, shape ``(n, 2)``, float32, deterministic."""
+    if name not in GENERATORS:
+        raise DataError(f"data: unknown 2D set {name!r}; expected one of {sorted(GENERATORS)}")
+    return GENERATORS[name](n, _rng(seed, name), noise).astype(np.float32)
+
+
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits: images ``(1797, 1, 8, 8)`` in [−1, 1] and labels ``(1797,)``."""
+    from sklearn.datasets import load_digits as _load
+
+    d = _load()
+    x = (d.images.astype(np.float32) / 8.0 - 1.0)[:, None]  # pixel values 0..16
+    return x, d.target.astype(np.int64)
+
+
+def _check_array(x: np.ndarray, where: str) -> np.ndarray:
+    if x.dtype.kind not in "fiub":
+        raise DataError(f"{where}: expected a numeric array, got dtype {x.dtype}")
+    if x.ndim not in (2, 4):
+        raise DataError(f"{where}: expected shape (n, d) or (n, c, h, w), got {tuple(x.shape)}")
+    if x.shape[0] == 0 or x.size == 0:
+        raise DataError(f"{where}: is empty")
+    x = x.astype(np.float32, copy=False)
+    if not np.isfinite(x).all():
+        bad = int((~np.isfinite(x)).reshape(len(x), -1).any(1).argmax())
+        raise DataError(f"{where}: contains NaN or infinite values (first in row {bad})")
+    return x
+
+
+def load_array_file(path: str | Path) -> np.ndarray:
+    """A user's data file: Parquet (numeric columns are dimensions), ``.npy`` or ``.npz``.
+
+    Returns float32 of shape ``(n, d)`` or ``(n, c, h, w)``. A directory is read as a folder of
+    images (:func:`rectflow.imaging.load_image_folder`). Raises :class:`DataError` naming the file.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{p}: data file not found")
+    if p.is_dir():
+        from rectflow.imaging import load_image_folder
+
+        try:
+            return _check_array(load_image_folder(p), str(p))
+        except ValueError as e:
+            raise DataError(str(e)) from None
+    suffix = p.suffix.lower()
+    try:
+        if suffix == ".npy":
+            x = np.load(p, allow_pickle=False)
+        elif suffix == ".npz":
+            with np.load(p, allow_pickle=False) as z:
+                keys = list(z.keys())
+                if not keys:
+                    raise DataError(f"{p}: .npz holds no arrays")
+                key = next((k for k in ("x", "data", "arr_0") if k in keys), keys[0])
+                x = z[key]
+        elif suffix in (".parquet", ".pq"):
+            import pyarrow.parquet as pq
+            import pyarrow.types as pat
+
+            table = pq.read_table(p)
+            cols = [c for c, f in zip(table.column_names, table.schema) if pat.is_integer(f.type) or pat.is_floating(f.type)]
+            if not cols:
+                raise DataError(f"{p}: no numeric columns")
+            x = np.stack([table.column(c).to_numpy(zero_copy_only=False) for c in cols], 1)
+        else:
+            raise DataError(f"{p}: unsupported file type {suffix!r}; expected .parquet, .npy or .npz")
+    except DataError:
+        raise
+    except Exception as e:  # corrupt file: name it, not the parser's internals
+        raise DataError(f"{p}: cannot be read ({e.__class__.__name__}: {str(e).splitlines()[0][:200]})") from None
+    return _check_array(np.asarray(x), str(p))
+
+
+def make_split(x: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic train/test split of a finite data set by ``seed``."""
+    n = len(x)
+    n_test = max(1, int(round(n * test_fraction)))
+    if n_test >= n:
+        raise DataError(f"data set of {n} rows is too small for a test fraction of {test_fraction}")
+    perm = np.random.default_rng(seed).permutation(n)
+    return x[perm[n_test:]], x[perm[:n_test]]
+
+
+@dataclass
+class Distribution:
+    """π0 or π1 as training sees it: a standard Gaussian of ``shape`` or a finite set of rows.
+
+    ``sample(n, generator)`` draws ``n`` rows *with replacement* (fresh independent draws every call,
+    as 1-RF training needs); shapes are ``(n, *shape)``.
+    """
+
+    shape: tuple[int, ...]
+    data: torch.Tensor | None = None  # (N, *shape) or None for N(0, I)
+
+    @property
+    def dim(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def is_gaussian(self) -> bool:
+        return self.data is None
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        if self.data is None:
+            return torch.randn((n, *self.shape), generator=generator)
+        idx = torch.randint(0, len(self.data), (n,), generator=generator)
+        return self.data[idx]
+
+    def to(self, device: torch.device | str) -> Distribution:
+        return Distribution(self.shape, None if self.data is None else self.data.to(device))
+
+
+# ---- the prepared layout (data/prepared/) ---------------------------------------------------------
+
+
+def prepared_meta(prepared: Path) -> dict:
+    """Read ``data/prepared/meta.json`` (written by the prepare stage)."""
+    path = prepared / "meta.json"
+    if not path.is_file():
+        raise DataError(f"{path}: missing; run the prepare stage first")
+    return json.loads(path.read_text())
+
+
+def load_prepared(prepared: Path, side: str, split: str) -> Distribution:
+    """The ``side`` ('source' | 'target') ``split`` ('train' | 'test') written by prepare."""
+    meta = prepared_meta(prepared)[side]
+    shape = tuple(meta["shape"])
+    if meta["kind"] == "gaussian":
+        return Distribution(shape)
+    path = prepared / f"{side}-{split}.npy"
+    if not path.is_file():
+        raise DataError(f"{path}: missing; run the prepare stage first")
+    arr = np.load(path, allow_pickle=False)
+    if tuple(arr.shape[1:]) != shape:
+        raise DataError(f"{path}: shape {tuple(arr.shape)} does not match meta.json's {shape}")
+    return Distribution(shape, torch.from_numpy(arr))

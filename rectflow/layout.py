@@ -1,0 +1,55 @@
+"""Where the pipeline's files live, relative to the workspace root (CONTRACT.md, "Files")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Layout"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Paths of one workspace. Only this class knows the layout."""
+
+    root: Path = Path(".")
+
+    @property
+    def prepared(self) -> Path:
+        return self.root / "data" / "prepared"
+
+    @property
+    def couplings(self) -> Path:
+        return self.root / "data" / "couplings"
+
+    def round_dir(self, k: int) -> Path:
+        return self.couplings / f"round-{k}"
+
+    def staging(self, what: str) -> Path:
+        """In-progress work (resumable; never under a final name, never tracked by DVC)."""
+        return self.root / ".rectflow" / "staging" / what
+
+    def checkpoints(self, name: str) -> Path:
+        return self.root / ".rectflow" / "checkpoints" / name
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    def model(self, name: str) -> Path:
+        """Stem of a model: ``models/NAME`` (+ ``.safetensors`` / ``.json``)."""
+        return self.models / name
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics"
+
+    def stage_metrics(self, stage: str) -> Path:
+        return self.metrics / f"{stage}.json"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+    def history(self, name: str) -> Path:
+        return self.plots / "train" / f"{name}.csv"

@@ -1,0 +1,195 @@
+"""Velocity networks and their files.
+
+A model on disk is two files: ``NAME.safetensors`` (weights, never a pickle) and ``NAME.json``
+(``{"arch": {...}, "meta": {...}}``: everything needed to rebuild the module, plus provenance).
+:func:`load_model` checks that the weights match the architecture and names the file if not.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from rectflow.io import atomic_write_bytes, atomic_write_json, file_sha256
+
+__all__ = ["MLPVelocity", "ModelError", "SinusoidalEmbedding", "build_model", "load_model", "save_model"]
+
+
+class ModelError(ValueError):
+    """A model file is missing, unreadable, or its weights do not match its architecture."""
+
+
+def _time_vector(t: Tensor | float, batch: int, ref: Tensor) -> Tensor:
+    """Broadcast ``t`` (scalar, ``()`` or ``(B,)``) to a ``(B,)`` tensor on ``ref``'s device/dtype."""
+    t = torch.as_tensor(t, device=ref.device, dtype=ref.dtype)
+    if t.ndim == 0:
+        return t.expand(batch)
+    if t.shape != (batch,):
+        raise ValueError(f"t: expected a scalar or shape ({batch},), got {tuple(t.shape)}")
+    return t
+
+
+class SinusoidalEmbedding(nn.Module):
+    """``t`` in [0, 1], shape ``(B,)`` -> ``(B, dim)`` sin/cos features of ``1000·t``."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"time embedding width must be even, got {dim}")
+        half = dim // 2
+        freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, dtype=torch.float32) / half)
+        self.register_buffer("freqs", freqs, persistent=False)
+
+    def forward(self, t: Tensor) -> Tensor:
+        arg = 1000.0 * t[:, None].float() * self.freqs[None]
+        return torch.cat([arg.sin(), arg.cos()], dim=1).to(t.dtype)
+
+
+class MLPVelocity(nn.Module):
+    """v(x, t) for vector data: ``x`` ``(B, *shape)`` and ``t`` ``(B,)`` -> ``(B, *shape)``.
+
+    ``[x, emb(t)] -> Linear -> SiLU -> (Linear -> SiLU) × (depth − 1) -> Linear``.
+    """
+
+    def __init__(self, shape: tuple[int, ...], hidden: int = 256, depth: int = 3, time_embed: int = 64) -> None:
+        super().__init__()
+        self.shape = tuple(shape)
+        dim = math.prod(self.shape)
+        self.temb = SinusoidalEmbedding(time_embed)
+        layers: list[nn.Module] = [nn.Linear(dim + time_embed, hidden), nn.SiLU()]
+        for _ in range(depth - 1):
+            layers += [nn.Linear(hidden, hidden), nn.SiLU()]
+        layers.append(nn.Linear(hidden, dim))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
+        if tuple(x.shape[1:]) != self.shape:
+            raise ValueError(f"x: expected shape (B, {', '.join(map(str, self.shape))}), got {tuple(x.shape)}")
+        b = x.shape[0]
+        h = torch.cat([x.reshape(b, -1), self.temb(_time_vector(t, b, x))], dim=1)
+        return self.net(h).reshape(x.shape)
+
+
+def build_model(arch: dict[str, Any]) -> nn.Module:
+    """Rebuild a velocity network from its architecture record (``NAME.json['arch']``)."""
+    kind = arch.get("kind")
+    shape = tuple(arch["shape"])
+    if kind == "mlp":
+        return MLPVelocity(shape, arch["hidden"], arch["depth"], arch["time_embed"])
+    if kind == "unet":
+        from rectflow.unet import UNetVelocity
+
+        if len(shape) != 3:
+            raise ModelError(f"unet needs (c, h, w) data, got shape {shape}")
+        return UNetVelocity(
+            shape,  # type: ignore[arg-type]
+            channels=arch["channels"],
+            channel_mult=tuple(arch["channel_mult"]),
+            attention=arch["attention"],
+            time_embed=arch["time_embed"],
+            dropout=arch.get("dropout", 0.0),
+        )
+    raise ModelError(f"unknown model kind {kind!r}; expected 'mlp' or 'unet'")
+
+
+def arch_from_params(model_params: Any, shape: tuple[int, ...]) -> dict[str, Any]:
+    """The architecture record for data of ``shape`` under ``params.model``."""
+    kind = model_params.kind
+    if kind == "auto":
+        kind = "unet" if len(shape) == 3 else "mlp"
+    if kind == "unet" and len(shape) != 3:
+        raise ModelError(f"model.kind: 'unet' needs (c, h, w) data, got shape {shape}")
+    arch: dict[str, Any] = {"kind": kind, "shape": list(shape), "time_embed": model_params.time_embed}
+    if kind == "mlp":
+        arch |= {"hidden": model_params.hidden, "depth": model_params.depth}
+    else:
+        arch |= {
+            "channels": model_params.channels,
+            "channel_mult": list(model_params.channel_mult),
+            "attention": model_params.attention,
+            "dropout": model_params.dropout,
+        }
+    return arch
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_model(stem: Path, state: dict[str, Tensor], arch: dict[str, Any], meta: dict[str, Any]) -> str:
+    """Write ``stem.safetensors`` and ``stem.json`` atomically; returns the weights' sha256."""
+    from safetensors.torch import save
+
+    stem = Path(stem)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    atomic_write_bytes(stem.with_suffix(".safetensors"), save(tensors))
+    sha = file_sha256(stem.with_suffix(".safetensors"))
+    atomic_write_json(stem.with_suffix(".json"), {"arch": arch, "meta": meta | {"sha256": sha}})
+    return sha
+
+
+def read_model_card(stem: Path) -> dict[str, Any]:
+    path = Path(stem).with_suffix(".json")
+    if not path.is_file():
+        raise ModelError(f"{path}: model description not found")
+    try:
+        card = json.loads(path.read_text())
+        card["arch"]["kind"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ModelError(f"{path}: not a model description (expected JSON with 'arch')") from None
+    return card
+
+
+def load_state(stem: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(stem).with_suffix(".safetensors")
+    if not path.is_file():
+        raise ModelError(f"{path}: weights not found")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelError(f"{path}: not readable safetensors ({e})") from None
+
+
+def load_model(stem: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild ``stem`` from its JSON and load its safetensors weights (strict, shape-checked).
+
+    Quantized variants (``meta.quant`` set) are rebuilt by :mod:`rectflow.quant`.
+    Returns ``(module in eval mode, card)``.
+    """
+    card = read_model_card(stem)
+    quant = card.get("meta", {}).get("quant")
+    if quant:
+        from rectflow.quant import load_quantized
+
+        return load_quantized(Path(stem), card, device), card
+    try:
+        model = build_model(card["arch"])
+    except (KeyError, TypeError) as e:
+        raise ModelError(f"{Path(stem).with_suffix('.json')}: architecture incomplete ({e})") from None
+    state = load_state(stem)
+    check_state(model, state, Path(stem).with_suffix(".safetensors"))
+    model.load_state_dict(state)
+    return model.to(device).eval(), card
+
+
+def check_state(model: nn.Module, state: dict[str, Tensor], where: Path) -> None:
+    """Raise :class:`ModelError` naming the first key whose presence or shape disagrees."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        what = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
+        raise ModelError(f"{where}: weights do not match the architecture ({what})")
+    for k, v in expected.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise ModelError(
+                f"{where}: weights do not match the architecture ({k}: {tuple(state[k].shape)} vs {tuple(v.shape)})"
+            )

@@ -1,0 +1,181 @@
+"""Noise–sample pairs (Z0, Z1) as Parquet shards plus a ``manifest.json``.
+
+A round directory ``data/couplings/round-K/`` holds ``shard-00000.parquet …`` (columns ``z0`` and
+``z1``, each a fixed-size list of float32 of length D = prod(shape)) and ``manifest.json``::
+
+    {"format": 1, "round": K, "shape": [...], "dim": D, "n_pairs": N, "shard_size": S, "seed": s,
+     "model": {"name": "rf1", "sha256": ...}, "solver": {...}, "complete": true,
+     "shards": [{"name": "shard-00000.parquet", "rows": S, "bytes": ..., "sha256": ...}, ...]}
+
+:class:`PairStream` reads them back in a shuffled order (shard order per epoch, rows within a
+buffer of a few shards), verifying each shard's sha256 as it is read, so a training set can be far
+larger than memory. Its position is part of a training checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import Tensor
+
+from rectflow.io import atomic_path, file_sha256, read_json
+
+__all__ = ["ManifestError", "PairStream", "read_manifest", "read_shard", "shard_name", "write_shard"]
+
+MANIFEST = "manifest.json"
+
+
+class ManifestError(ValueError):
+    """A coupling round is missing, incomplete, or a shard does not match its manifest."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.parquet"
+
+
+def _fixed_list(x: np.ndarray) -> pa.FixedSizeListArray:
+    flat = np.ascontiguousarray(x.reshape(len(x), -1), dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
+
+
+def write_shard(directory: Path, index: int, z0: np.ndarray, z1: np.ndarray) -> dict[str, Any]:
+    """Write ``z0, z1`` ``(rows, *shape)`` as shard ``index`` atomically; return its manifest entry."""
+    if z0.shape != z1.shape:
+        raise ValueError(f"shard {index}: z0 {z0.shape} and z1 {z1.shape} differ")
+    table = pa.table({"z0": _fixed_list(z0), "z1": _fixed_list(z1)})
+    path = Path(directory) / shard_name(index)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd", row_group_size=min(len(z0), 65536))
+    return {"name": path.name, "rows": int(len(z0)), "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def _decode(data: bytes, shape: tuple[int, ...], where: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        table = pq.read_table(io.BytesIO(data), columns=["z0", "z1"])
+    except Exception as e:
+        raise ManifestError(f"{where}: not a readable pair shard ({e.__class__.__name__})") from None
+    out = []
+    for col in ("z0", "z1"):
+        arr = table.column(col).combine_chunks()
+        flat = arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+        out.append(flat.reshape(len(table), *shape))
+    return out[0], out[1]
+
+
+def read_manifest(round_dir: Path, require_complete: bool = True) -> dict[str, Any]:
+    path = Path(round_dir) / MANIFEST
+    if not path.is_file():
+        raise ManifestError(f"{path}: missing; run the couple stage first")
+    try:
+        man = read_json(path)
+        man["shards"], man["shape"]
+    except (ValueError, KeyError, TypeError):
+        raise ManifestError(f"{path}: not a valid manifest") from None
+    if require_complete and not man.get("complete"):
+        raise ManifestError(f"{path}: the round is incomplete (rerun the couple stage to finish it)")
+    return man
+
+
+def read_shard(round_dir: Path, entry: dict[str, Any], shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Read one shard, verifying its sha256 against the manifest entry first."""
+    path = Path(round_dir) / entry["name"]
+    if not path.is_file():
+        raise ManifestError(f"{path}: listed in the manifest but missing")
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != entry["sha256"]:
+        raise ManifestError(
+            f"{path}: sha256 {digest[:12]}… does not match the manifest's {entry['sha256'][:12]}…; "
+            "the shard is corrupt (rerun the couple stage to regenerate it)"
+        )
+    z0, z1 = _decode(data, shape, str(path))
+    if len(z0) != entry["rows"]:
+        raise ManifestError(f"{path}: {len(z0)} rows, the manifest says {entry['rows']}")
+    return z0, z1
+
+
+def verify_round(round_dir: Path) -> dict[str, Any]:
+    """Check every shard of a complete round against its manifest; return the manifest."""
+    man = read_manifest(round_dir)
+    for entry in man["shards"]:
+        path = Path(round_dir) / entry["name"]
+        if not path.is_file():
+            raise ManifestError(f"{path}: listed in the manifest but missing")
+        if file_sha256(path) != entry["sha256"]:
+            raise ManifestError(f"{path}: sha256 does not match the manifest; the shard is corrupt")
+    return man
+
+
+class PairStream:
+    """Shuffled, memory-bounded batches of pairs from one round's shards.
+
+    Each epoch visits the shards in a permutation drawn from ``(seed, epoch)``; ``buffer_shards``
+    consecutive shards are loaded (verified), concatenated and their rows shuffled from
+    ``(seed, epoch, cursor)``. Peak memory is ``buffer_shards × shard_size`` pairs, whatever the
+    number of pairs. The position ``(epoch, cursor, row)`` is the whole state, so resuming is exact.
+    """
+
+    def __init__(self, round_dir: Path, seed: int, device: torch.device | str = "cpu", buffer_shards: int = 4) -> None:
+        self.dir = Path(round_dir)
+        self.man = read_manifest(self.dir)
+        self.shape = tuple(self.man["shape"])
+        self.shards = self.man["shards"]
+        if not self.shards:
+            raise ManifestError(f"{self.dir / MANIFEST}: lists no shards")
+        for e in self.shards:
+            p = self.dir / e["name"]
+            if not p.is_file() or p.stat().st_size != e.get("bytes", p.stat().st_size):
+                raise ManifestError(f"{p}: missing or of the wrong size for its manifest")
+        self.seed, self.device, self.buffer_shards = seed, torch.device(device), max(1, buffer_shards)
+        self.epoch, self.cursor, self.row = 0, 0, 0
+        self._buf: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def n_pairs(self) -> int:
+        return sum(e["rows"] for e in self.shards)
+
+    def _order(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))
+
+    def _load(self) -> tuple[Tensor, Tensor]:
+        order = self._order()
+        picks = order[self.cursor : self.cursor + self.buffer_shards]
+        parts = [read_shard(self.dir, self.shards[i], self.shape) for i in picks]
+        z0 = np.concatenate([p[0] for p in parts])
+        z1 = np.concatenate([p[1] for p in parts])
+        perm = np.random.default_rng([self.seed, self.epoch, self.cursor]).permutation(len(z0))
+        return torch.from_numpy(z0[perm]).to(self.device), torch.from_numpy(z1[perm]).to(self.device)
+
+    def next_batch(self, batch_size: int) -> tuple[Tensor, Tensor]:
+        x0s, x1s, need = [], [], batch_size
+        while need > 0:
+            if self._buf is None:
+                self._buf = self._load()
+            b0, b1 = self._buf
+            take = min(need, len(b0) - self.row)
+            x0s.append(b0[self.row : self.row + take])
+            x1s.append(b1[self.row : self.row + take])
+            self.row += take
+            need -= take
+            if self.row >= len(b0):
+                self._buf, self.row = None, 0
+                self.cursor += self.buffer_shards
+                if self.cursor >= len(self.shards):
+                    self.epoch, self.cursor = self.epoch + 1, 0
+        if len(x0s) == 1:
+            return x0s[0], x1s[0]
+        return torch.cat(x0s), torch.cat(x1s)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "cursor": self.cursor, "row": self.row}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.cursor, self.row = int(state["epoch"]), int(state["cursor"]), int(state["row"])
+        self._buf = None

@@ -1,0 +1,262 @@
+"""One training loop for pretrain, reflow and distill (nanoGPT-style: no trainer framework).
+
+Each step draws a batch of pairs ``(x0, x1)`` ``(B, *shape)`` from a :class:`BatchSource`, times
+``t`` ``(B,)`` from p(t), and minimises D(x1 − x0, v(x_t, t)) (:mod:`rectflow.flow`). AdamW with
+linear warm-up, gradient-norm clipping, an EMA of the weights (what gets saved), optional bf16
+autocast. Every ``checkpoint_every`` steps the whole state (weights, EMA, optimizer, RNG states,
+batch-source position, step) is written atomically, so a rerun after a crash resumes and ends with
+bit-identical weights on CPU. No host synchronisation per step: the loss is read every ``log_every``
+steps, and a non-finite loss is located to its exact step from a device-side record.
+
+Under ``torchrun`` (``torch.distributed`` initialised) the model is wrapped in DDP, each rank draws
+its own batches, and only rank 0 writes checkpoints and history.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from rectflow.flow import interpolate, loss_fn, sample_time
+from rectflow.io import atomic_path
+
+__all__ = ["BatchSource", "NonFiniteLossError", "TrainResult", "train"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the message names the step."""
+
+
+class BatchSource(Protocol):
+    """Yields training pairs; its position is part of a checkpoint."""
+
+    def next_batch(self, batch_size: int) -> tuple[Tensor, Tensor]:
+        """``(x0, x1)``, each ``(batch_size, *shape)``, on the training device."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    resumed_from: int
+    final_loss: float
+    samples_per_s: float
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short hash of JSON-able parts (params, input hashes): a checkpoint resumes only if equal."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class _Progress:
+    """A rich progress bar on a terminal; a plain line every ~10% otherwise (DVC, CI, Prefect)."""
+
+    def __init__(self, name: str, total: int, start: int) -> None:
+        self.name, self.total, self.every = name, total, max(1, total // 10)
+        self.live = sys.stderr.isatty()
+        self.bar = None
+        if self.live:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn(f"[bold]{name}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False,
+            )
+            self.task = self.bar.add_task(name, total=total, completed=start, info="")
+            self.bar.start()
+
+    def update(self, step: int, loss: float, rate: float) -> None:
+        info = f"loss {loss:.4f} · {rate:,.0f} samples/s"
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, info=info)
+        elif step % self.every == 0 or step == self.total:
+            print(f"[{self.name}] step {step}/{self.total} {info}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def train(
+    model: nn.Module,
+    batches: BatchSource,
+    cfg: Any,
+    *,
+    name: str,
+    seed: int,
+    checkpoint_dir: Path,
+    history_path: Path | None = None,
+    time_dist: str | None = None,
+    k: int | None = None,
+    run_fingerprint: str = "",
+    device: torch.device | str = "cpu",
+) -> TrainResult:
+    """Train ``model`` in place for ``cfg.steps`` steps (``cfg``: a :class:`~rectflow.config.TrainParams`).
+
+    ``time_dist``/``k`` override ``cfg.time_dist`` (distillation uses ``"discrete"`` with ``k``).
+    On return ``model`` holds the EMA weights (or the raw ones when ``cfg.ema == 0``).
+    """
+    device = torch.device(device)
+    rank, world = _rank_world()
+    model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+    params = [p for p in model.parameters()]
+    ema = [p.detach().clone() for p in params] if cfg.ema > 0 else None
+    gen = torch.Generator().manual_seed(seed * 1000 + 17 + rank)
+    step = 0
+    history: list[dict[str, float]] = []
+    ckpt = checkpoint_dir / "last.pt"
+
+    if ckpt.is_file():
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+        if state.get("fingerprint") == run_fingerprint and state.get("world") == world:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            if ema is not None:
+                for e, s in zip(ema, state["ema"]):
+                    e.copy_(s)
+            gen.set_state(state["gen"][rank])
+            torch.set_rng_state(state["torch_rng"][rank])
+            batches.load_state_dict(state["batches"][rank])
+            step, history = int(state["step"]), list(state["history"])
+            print(f"[{name}] resuming from checkpoint at step {step}", file=sys.stderr, flush=True)
+        elif rank == 0:
+            print(f"[{name}] ignoring a checkpoint of another configuration: {ckpt}", file=sys.stderr)
+    resumed_from = step
+
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    tdist = time_dist or cfg.time_dist
+    distance = None
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    loss_acc = torch.zeros((), device=device)
+    n_acc = 0
+    progress = _Progress(name, cfg.steps, step) if rank == 0 else None
+    t_start = time.perf_counter()
+    t_last, samples_since = t_start, 0
+    rate = 0.0
+    last_loss = float("nan")
+
+    def save_checkpoint() -> None:
+        gens = [gen.get_state()]
+        rngs = [torch.get_rng_state()]
+        bstates = [batches.state_dict()]
+        if world > 1:
+            objs: list[Any] = [None] * world
+            dist.all_gather_object(objs, (gens[0], rngs[0], bstates[0]))
+            gens, rngs, bstates = [o[0] for o in objs], [o[1] for o in objs], [o[2] for o in objs]
+        if rank != 0:
+            return
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(ckpt) as tmp:
+            torch.save(
+                {
+                    "fingerprint": run_fingerprint, "world": world, "step": step,
+                    "model": model.state_dict(), "opt": opt.state_dict(),
+                    "ema": ema if ema is not None else [], "gen": gens, "torch_rng": rngs,
+                    "batches": bstates, "history": history,
+                },
+                tmp,
+            )
+
+    def check_finite() -> None:
+        bad = int(first_bad)
+        if bad >= 0:
+            if progress:
+                progress.close()
+            raise NonFiniteLossError(
+                f"{name}: loss became NaN or infinite at step {bad}; the last good checkpoint "
+                f"({ckpt}) is left intact. Lower the learning rate or check the data."
+            )
+
+    while step < cfg.steps:
+        x0, x1 = batches.next_batch(cfg.batch_size)
+        if distance is None:
+            distance = loss_fn(cfg.loss, math.prod(x0.shape[1:]), cfg.huber_c)
+        t = sample_time(tdist, x0.shape[0], gen, device, k=k)
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup > 0 else cfg.lr
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with autocast:
+            pred = net(interpolate(x0, x1, t), t)
+        loss = distance(pred.float(), (x1 - x0).float()).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
+        opt.step()
+        if ema is not None:
+            decay = min(cfg.ema, (1 + step) / (10 + step))
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
+        loss_acc += loss.detach()
+        n_acc += 1
+        step += 1
+        samples_since += x0.shape[0]
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            check_finite()
+            now = time.perf_counter()
+            rate = samples_since * world / max(now - t_last, 1e-9)
+            last_loss = float(loss_acc) / n_acc
+            history.append({"step": step, "loss": last_loss, "lr": lr, "samples_per_s": rate})
+            loss_acc.zero_()
+            n_acc, t_last, samples_since = 0, now, 0
+            if progress:
+                progress.update(step, last_loss, rate)
+        if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            check_finite()
+            save_checkpoint()
+    check_finite()
+    if progress:
+        progress.close()
+    seconds = time.perf_counter() - t_start
+    if ema is not None:
+        with torch.no_grad():
+            for p, e in zip(params, ema):
+                p.copy_(e)
+    model.eval()
+    if rank == 0 and history_path is not None:
+        with atomic_path(history_path) as tmp:
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "samples_per_s"])
+                w.writeheader()
+                w.writerows(history)
+    done = cfg.steps - resumed_from
+    return TrainResult(
+        steps=done, resumed_from=resumed_from, final_loss=last_loss,
+        samples_per_s=done * cfg.batch_size * world / max(seconds, 1e-9), seconds=seconds, history=history,
+    )
+
+
+def clear_checkpoint(checkpoint_dir: Path) -> None:
+    """Remove a finished stage's checkpoint (its result is the saved model)."""
+    (checkpoint_dir / "last.pt").unlink(missing_ok=True)

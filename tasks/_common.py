@@ -1,0 +1,88 @@
+"""What the training stages share: seeding, one 'train then save' step, model cards."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from rectflow.config import Params, TrainParams
+from rectflow.device import pick_device
+from rectflow.layout import Layout
+from rectflow.nets import count_params, load_model, read_model_card, save_model
+from rectflow.train import BatchSource, clear_checkpoint, fingerprint, train
+
+
+def device() -> torch.device:
+    return pick_device()
+
+
+def teacher(layout: Layout, name: str, dev: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+    """Load ``models/NAME`` for inference (eval mode, on ``dev``)."""
+    return load_model(layout.model(name), dev)
+
+
+def train_and_save(
+    *,
+    p: Params,
+    layout: Layout,
+    name: str,
+    model: nn.Module,
+    arch: dict[str, Any],
+    batches: BatchSource,
+    cfg: TrainParams,
+    seed: int,
+    inputs: dict[str, str],
+    meta: dict[str, Any],
+    dev: torch.device,
+    time_dist: str | None = None,
+    k: int | None = None,
+) -> dict[str, Any]:
+    """Train ``model`` (resuming from a matching checkpoint), save ``models/NAME``, return a record.
+
+    ``inputs`` (name -> sha256 of every file the model depends on) and ``cfg`` make the checkpoint
+    fingerprint, so a checkpoint of another configuration is never resumed.
+    """
+    import torch.distributed as dist
+
+    fp = fingerprint(name, cfg.model_dump(mode="json"), arch, inputs, seed, time_dist, k)
+    t0 = time.perf_counter()
+    res = train(
+        model, batches, cfg, name=name, seed=seed, checkpoint_dir=layout.checkpoints(name),
+        history_path=layout.history(name), time_dist=time_dist, k=k, run_fingerprint=fp, device=dev,
+    )
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    record = {
+        "model": name,
+        "steps": cfg.steps,
+        "steps_run": res.steps,
+        "resumed_from": res.resumed_from,
+        "final_loss": res.final_loss,
+        "samples_per_s": round(res.samples_per_s, 1),
+        "train_seconds": round(res.seconds, 3),
+        "params": count_params(model),
+    }
+    if rank == 0:
+        sha = save_model(
+            layout.model(name), model.state_dict(), arch,
+            meta | {"name": name, "inputs": inputs, "train": cfg.model_dump(mode="json"), "seed": seed},
+        )
+        clear_checkpoint(layout.checkpoints(name))
+        record["sha256"] = sha
+    record["seconds"] = round(time.perf_counter() - t0, 3)
+    return record
+
+
+def model_sha(layout: Layout, name: str) -> str:
+    return read_model_card(layout.model(name))["meta"]["sha256"]
+
+
+def flows_present(layout: Layout) -> list[str]:
+    """rf1, rf2, … that exist on disk, in order."""
+    out, k = [], 1
+    while layout.model(f"rf{k}").with_suffix(".json").is_file():
+        out.append(f"rf{k}")
+        k += 1
+    return out

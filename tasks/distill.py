@@ -1,0 +1,37 @@
+"""Stage 5, distill: a one-step (and, with ``distill.k > 1``, a k-step) student of the last flow.
+
+Trained on the last flow's own pairs (Z0, Z1), initialised from its weights, with the rectified-flow
+objective restricted to t = 0 (one step: D(Z1 − Z0, v(Z0, 0))) or to t ∈ {0, 1/k, …, (k−1)/k}.
+Writes ``models/distilled`` (and ``models/distilled-k{k}``).
+"""
+
+from __future__ import annotations
+
+from rectflow.config import Params
+from rectflow.layout import Layout
+from rectflow.nets import build_model, load_state, read_model_card
+from rectflow.pairs import PairStream, read_manifest
+from tasks._common import device, model_sha, train_and_save
+
+
+def student_names(k: int) -> list[tuple[str, int]]:
+    return [("distilled", 1)] + ([(f"distilled-k{k}", k)] if k > 1 else [])
+
+
+def run(p: Params, layout: Layout) -> dict:
+    dev = device()
+    last = p.reflow.rounds + 1
+    parent = f"rf{last}"
+    card = read_model_card(layout.model(parent))
+    man = read_manifest(layout.round_dir(last))
+    out = []
+    for name, k in student_names(p.distill.k):
+        model = build_model(card["arch"])
+        model.load_state_dict(load_state(layout.model(parent)))
+        batches = PairStream(layout.round_dir(last), seed=p.seed + 100 + k, device=dev)
+        out.append(train_and_save(
+            p=p, layout=layout, name=name, model=model, arch=card["arch"], batches=batches, cfg=p.distill,
+            seed=p.seed + 100 + k, inputs={parent: model_sha(layout, parent), f"round-{last}": man["fingerprint"]},
+            meta={"role": "student", "steps": k, "parent": parent}, dev=dev, time_dist="discrete", k=k,
+        ))
+    return {"students": out}

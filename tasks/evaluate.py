@@ -1,0 +1,186 @@
+"""Stage 7, evaluate: every model × solver × NFE of ``evaluate.grid`` on the same noise.
+
+Writes ``metrics/eval.json`` (``{"rows": [...]}``, one row per (model, solver, nfe); CONTRACT.md),
+``metrics/evaluate.json`` (a flat summary for ``dvc metrics``), ``plots/nfe_w2.csv`` (W2 against
+Euler NFE per flow, a DVC plot) and ``plots/trajectories.png`` (1-RF vs the last flow, 2D data).
+Every row uses the same Z0 (``evaluate.n_samples`` draws from π0 with a fixed seed) and the same
+held-out target samples; NFE is what the solver measured, not what was requested.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from rectflow import metrics
+from rectflow.config import GridEntry, Params
+from rectflow.data import load_prepared
+from rectflow.io import atomic_path, atomic_write_json
+from rectflow.layout import Layout
+from rectflow.nets import build_model, count_params, load_model
+from rectflow.solvers import solve
+from tasks._common import device
+from tasks.distill import student_names
+
+EVAL_SEED_OFFSET = 10_007
+
+
+def eval_noise(p: Params, layout: Layout, n: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The evaluation Z0, identical for every model: N(0, I) from a fixed seed, or source test rows."""
+    src = load_prepared(layout.prepared, "source", "test")
+    g = torch.Generator().manual_seed(p.seed + EVAL_SEED_OFFSET)
+    if src.is_gaussian:
+        return torch.randn((n, *shape), generator=g)
+    idx = torch.arange(n) % len(src.data)  # type: ignore[arg-type]
+    return src.data[idx].reshape(n, *shape)  # type: ignore[index]
+
+
+def model_groups(p: Params, layout: Layout) -> dict[str, list[str]]:
+    flows = [f"rf{k}" for k in range(1, p.reflow.rounds + 2)]
+    students = []
+    for name, _ in student_names(p.distill.k):
+        students.append(name)
+        if p.quantize.int8:
+            students.append(f"{name}-int8")
+        if p.quantize.half:
+            students.append(f"{name}-bf16")
+    return {"flows": flows, "students": students, "all": flows + students}
+
+
+def expand_grid(grid: list[GridEntry], groups: dict[str, list[str]], steps_of: dict[str, int]) -> list[tuple[str, str, int | None]]:
+    """(model, solver, steps) triples; steps None means adaptive (rk45)."""
+    out: list[tuple[str, str, int | None]] = []
+    for e in grid:
+        names = groups[e.models] if isinstance(e.models, str) else e.models
+        for m in names:
+            if e.solver == "rk45":
+                out.append((m, "rk45", None))
+            else:
+                for s in e.steps or [steps_of.get(m, 1)]:
+                    out.append((m, e.solver, s))
+    return out
+
+
+def run(p: Params, layout: Layout) -> dict:
+    dev = device()
+    e = p.evaluate
+    target = load_prepared(layout.prepared, "target", "test")
+    assert target.data is not None
+    n = min(e.n_samples, len(target.data))
+    ref = target.data[:n]
+    shape = tuple(target.shape)
+    z0 = eval_noise(p, layout, n, shape).to(dev)
+    groups = model_groups(p, layout)
+    cache: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
+
+    def get(name: str) -> tuple[nn.Module, dict[str, Any]]:
+        if name not in cache:
+            cache[name] = load_model(layout.model(name), dev)
+        return cache[name]
+
+    steps_of = {m: get(m)[1]["meta"].get("steps", 1) for m in groups["students"]}
+    straight: dict[str, float] = {}
+    rows = []
+    fd_ctx = _fd_context(p, layout, dev) if len(shape) == 3 else None
+    lat_noise = torch.randn((e.latency_batch, *shape), generator=torch.Generator().manual_seed(p.seed + 1)).to(dev)
+    for name, solver, steps in expand_grid(e.grid, groups, steps_of):
+        model, card = get(name)
+        role = card["meta"].get("role", "flow")
+        with torch.inference_mode():
+            sol = solve(model, z0, solver, steps, rtol=e.rtol, atol=e.atol)
+            x = sol.x.float()
+            if role == "flow" and name not in straight:
+                straight[name] = metrics.straightness(model, z0, e.straightness_steps)
+            lat = metrics.latency_ms(lambda: solve(model, lat_noise, solver, steps, rtol=e.rtol, atol=e.atol), e.latency_batch)
+        row = {
+            "model": name, "solver": solver, "nfe": int(sol.nfe),
+            "w2": metrics.w2(x, ref), "mmd": metrics.mmd(x, ref, e.mmd_bandwidth),
+            "straightness": straight.get(name), "transport_cost": metrics.transport_cost(z0, x),
+            "latency_ms": lat, "params": count_params(build_model(card["arch"])),
+            "bytes": layout.model(name).with_suffix(".safetensors").stat().st_size,
+        }
+        if fd_ctx is not None:
+            row |= fd_ctx(x)
+        rows.append(row)
+        print(f"[evaluate] {name:>16} {solver:>8} nfe={row['nfe']:>4} w2={row['w2']:.4f}", file=sys.stderr, flush=True)
+    atomic_write_json(layout.metrics / "eval.json", {"rows": rows})
+    summary = _summary(p, layout, rows, z0, ref)
+    _plots(p, layout, rows, groups, z0)
+    return summary
+
+
+def _fd_context(p: Params, layout: Layout, dev: torch.device):
+    """Image data: a frozen feature net for Fréchet distance (see rectflow.fd); None if unavailable."""
+    try:
+        from tasks.features import fd_scorer
+    except ImportError:
+        return None
+    return fd_scorer(p, layout, dev)
+
+
+def _summary(p: Params, layout: Layout, rows: list[dict], z0: torch.Tensor, ref: torch.Tensor) -> dict:
+    from rectflow.pairs import read_manifest
+
+    def pick(model: str, solver: str, nfe: int | None = None) -> dict | None:
+        return next((r for r in rows if r["model"] == model and r["solver"] == solver and (nfe is None or r["nfe"] == nfe)), None)
+
+    out: dict[str, Any] = {}
+    for r in rows:
+        out[f"w2/{r['model']}/{r['solver']}/{r['nfe']}"] = round(r["w2"], 5)
+    last = f"rf{p.reflow.rounds + 1}"
+    teacher, student = pick("rf1", "euler", 100), pick("distilled", "euler", 1)
+    if teacher and student:
+        out["distilled_w2_over_rf1_euler100"] = student["w2"] / teacher["w2"]
+    s1, s2 = pick("rf1", "euler"), pick(last, "euler")
+    if s1 and s2 and s1["straightness"]:
+        out["straightness/rf1"] = s1["straightness"]
+        out[f"straightness/{last}"] = s2["straightness"]
+        out["straightness_ratio"] = s2["straightness"] / s1["straightness"]
+    perm = torch.randperm(len(ref), generator=torch.Generator().manual_seed(0))
+    out["transport_cost/independent"] = metrics.transport_cost(z0.cpu()[: len(ref)], ref[perm][: len(z0)])
+    for k in range(1, p.reflow.rounds + 2):
+        man = read_manifest(layout.round_dir(k))
+        out[f"transport_cost/round-{k}"] = sum(s["cost_sum"] for s in man["shards"]) / man["n_pairs"]
+    return out
+
+
+def _plots(p: Params, layout: Layout, rows: list[dict], groups: dict[str, list[str]], z0: torch.Tensor) -> None:
+    flows = groups["flows"]
+    by = {(r["model"], r["nfe"]): r["w2"] for r in rows if r["solver"] == "euler" and r["model"] in flows}
+    nfes = sorted({nfe for (_, nfe) in by})
+    with atomic_path(layout.plots / "nfe_w2.csv") as tmp:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["nfe", *flows])
+            for nfe in nfes:
+                w.writerow([nfe, *[by.get((m, nfe), "") for m in flows]])
+    if tuple(z0.shape[1:]) == (2,):
+        _trajectory_png(p, layout, [flows[0], flows[-1]], z0[:300])
+
+
+def _trajectory_png(p: Params, layout: Layout, names: list[str], z0: torch.Tensor) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 5), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        model, _ = load_model(layout.model(name), z0.device)
+        with torch.inference_mode():
+            traj = solve(model, z0, "euler", 100, trajectory=True).trajectory.cpu().numpy()  # type: ignore[union-attr]
+        ax.plot(traj[:, :, 0], traj[:, :, 1], color="0.6", lw=0.4, alpha=0.6)
+        ax.scatter(traj[0, :, 0], traj[0, :, 1], s=3, c="tab:blue", label="Z0 (t = 0)")
+        ax.scatter(traj[-1, :, 0], traj[-1, :, 1], s=3, c="tab:red", label="Z1 (t = 1)")
+        ax.set_title(f"{name}: 100-step Euler trajectories")
+        ax.set_aspect("equal")
+        ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(layout.plots / "trajectories.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)

@@ -1,0 +1,43 @@
+"""Stage 4, reflow: the (k+1)-rectified flow on the pairs of the k-th, initialised from it.
+
+Round r (r = 1 … ``reflow.rounds``) trains ``rf{r+1}`` on ``data/couplings/round-r`` (pairs streamed
+from the shards in shuffled order) starting from ``rf{r}``'s weights, then couples round r + 1 from
+``rf{r+1}``: the pairs that the next round, or distillation, learns from.
+"""
+
+from __future__ import annotations
+
+from rectflow.config import Params
+from rectflow.layout import Layout
+from rectflow.nets import build_model, load_state
+from rectflow.pairs import PairStream, read_manifest
+from tasks._common import device, model_sha, train_and_save
+from tasks.couple import run_round
+
+
+def train_on_pairs(p: Params, layout: Layout, round_k: int) -> dict:
+    """rf{round_k + 1} from round ``round_k``'s pairs, initialised from rf{round_k}."""
+    dev = device()
+    parent = f"rf{round_k}"
+    from rectflow.nets import read_model_card
+
+    card = read_model_card(layout.model(parent))
+    model = build_model(card["arch"])
+    model.load_state_dict(load_state(layout.model(parent)))
+    man = read_manifest(layout.round_dir(round_k))
+    batches = PairStream(layout.round_dir(round_k), seed=p.seed + round_k, device=dev)
+    inputs = {parent: model_sha(layout, parent), f"round-{round_k}": man["fingerprint"]}
+    return train_and_save(
+        p=p, layout=layout, name=f"rf{round_k + 1}", model=model, arch=card["arch"], batches=batches,
+        cfg=p.reflow, seed=p.seed + round_k, inputs=inputs, dev=dev,
+        meta={"role": "flow", "round": round_k + 1, "parent": parent, "pairs": batches.n_pairs},
+    )
+
+
+def run(p: Params, layout: Layout) -> dict:
+    rounds = []
+    for r in range(1, p.reflow.rounds + 1):
+        trained = train_on_pairs(p, layout, r)
+        coupled = run_round(p, layout, r + 1)
+        rounds.append({"train": trained, "couple": {k: v for k, v in coupled.items() if k != "sha256"}})
+    return {"rounds": rounds, "final_model": f"rf{p.reflow.rounds + 1}"}

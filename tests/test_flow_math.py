@@ -1,0 +1,95 @@
+"""Time distributions, distances and path metrics against closed forms."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rectflow import metrics
+from rectflow.flow import interpolate, pseudo_huber, sample_time, squared_l2, u_shaped_density
+
+
+def test_interpolation_convention():
+    x0, x1 = torch.zeros(3, 2), torch.ones(3, 2) * 4
+    t = torch.tensor([0.0, 0.25, 1.0])
+    torch.testing.assert_close(interpolate(x0, x1, t), torch.tensor([[0.0, 0.0], [1.0, 1.0], [4.0, 4.0]]))
+
+
+def test_u_shaped_sampler_matches_its_density():
+    g = torch.Generator().manual_seed(0)
+    t = sample_time("u_shaped", 400_000, g).double()
+    hist, edges = np.histogram(t.numpy(), bins=40, range=(0, 1), density=True)
+    centers = torch.tensor((edges[:-1] + edges[1:]) / 2)
+    # bin average of the closed-form density a·cosh(a(t−½)) / (2 sinh(a/2))
+    a = 4.0
+    lo, hi = torch.tensor(edges[:-1]), torch.tensor(edges[1:])
+    avg = (torch.sinh(a * (hi - 0.5)) - torch.sinh(a * (lo - 0.5))) / (2 * math.sinh(a / 2)) / (hi - lo)
+    assert np.abs(hist - avg.numpy()).max() < 0.05
+    assert u_shaped_density(centers).sum() * (1 / 40) == pytest.approx(1.0, abs=1e-2)
+    assert float(t.mean()) == pytest.approx(0.5, abs=0.005)
+    assert float(t.min()) >= 1e-5 - 1e-9 and float(t.max()) <= 1 - 1e-5 + 1e-7
+
+
+def test_logit_normal_and_uniform_and_discrete():
+    g = torch.Generator().manual_seed(1)
+    t = sample_time("logit_normal", 200_000, g)
+    phi1 = 0.5 * (1 + math.erf(1 / math.sqrt(2)))
+    assert float((t < torch.sigmoid(torch.tensor(1.0))).float().mean()) == pytest.approx(phi1, abs=0.005)
+    u = sample_time("uniform", 100_000, g)
+    assert float(u.min()) >= 1e-3 and float(u.mean()) == pytest.approx((1 + 1e-3) / 2, abs=0.005)
+    d = sample_time("discrete", 10_000, g, k=4)
+    assert set(d.unique().tolist()) == {0.0, 0.25, 0.5, 0.75}
+
+
+def test_pseudo_huber_limits():
+    x = torch.zeros(1, 3)
+    c = 0.01
+    assert float(pseudo_huber(x, x, c)) == 0.0
+    far = torch.tensor([[30.0, 40.0, 0.0]])  # ‖·‖ = 50 ≫ c: ≈ ‖x − y‖ − c
+    assert float(pseudo_huber(far, x, c)) == pytest.approx(50 - c, rel=1e-6)
+    near = torch.tensor([[1e-4, 0.0, 0.0]])  # ‖·‖ ≪ c: ≈ ‖x − y‖² / (2c)
+    assert float(pseudo_huber(near, x, c)) == pytest.approx(1e-8 / (2 * c), rel=1e-3)
+    assert float(squared_l2(far, x)) == pytest.approx(2500 / 3)
+
+
+def test_straightness_zero_for_a_straight_field():
+    z0 = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    assert metrics.straightness(lambda z, t: torch.full_like(z, 0.3), z0, 100) == pytest.approx(0.0, abs=1e-10)
+
+
+def test_straightness_of_an_accelerating_field_matches_discrete_closed_form():
+    c = torch.tensor([1.0, 2.0])
+    z0 = torch.zeros(8, 2, dtype=torch.float64)
+    n = 100
+    s = metrics.straightness(lambda z, t: 2 * t[:, None] * c.to(z), z0, n)
+    # Euler on v = 2tc: Z1 − Z0 = (1 − 1/N)c; S = ‖c‖²/N Σ_k (1 − 1/N − 2k/N)²
+    k = np.arange(n)
+    expected = float((c**2).sum()) * np.mean((1 - 1 / n - 2 * k / n) ** 2)
+    assert s == pytest.approx(expected, rel=1e-9)
+    assert s == pytest.approx(5 / 3, rel=0.02)  # the continuous value ‖c‖²/3
+
+
+def test_w2_closed_forms():
+    g = np.random.default_rng(0)
+    a = g.normal(size=(300, 2))
+    assert metrics.w2(a, a) == pytest.approx(0.0, abs=1e-6)
+    shift = np.array([3.0, -4.0])
+    assert metrics.w2(a, a + shift) == pytest.approx(5.0, rel=1e-9)
+    # 1-D: the optimal coupling is the sorted matching
+    x, y = g.normal(size=(200, 1)), g.exponential(size=(200, 1))
+    sorted_w2 = np.sqrt(np.mean((np.sort(x[:, 0]) - np.sort(y[:, 0])) ** 2))
+    assert metrics.w2(x, y) == pytest.approx(sorted_w2, rel=1e-9)
+
+
+def test_mmd_is_zero_on_identical_sets_and_grows_with_shift():
+    a = torch.randn(400, 2, generator=torch.Generator().manual_seed(0))
+    assert metrics.mmd(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert metrics.mmd(a, a + 0.5) < metrics.mmd(a, a + 2.0)
+
+
+def test_transport_cost():
+    z0 = torch.zeros(10, 2)
+    assert metrics.transport_cost(z0, z0 + torch.tensor([3.0, 4.0])) == pytest.approx(25.0)
