@@ -184,3 +184,21 @@ def _trajectory_png(p: Params, layout: Layout, names: list[str], z0: torch.Tenso
     with atomic_path(layout.plots / "trajectories.png") as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
+
+
+def score_one_step(p: Params, layout: Layout, stem) -> float | None:  # type: ignore[no-untyped-def]
+    """W2 of a student model (at its own step count) on this workspace's evaluation noise and data.
+
+    Used to compare registry versions like for like; None if the model's data shape differs.
+    """
+    dev = device()
+    target = load_prepared(layout.prepared, "target", "test")
+    assert target.data is not None
+    model, card = load_model(stem, dev)
+    if tuple(card["arch"]["shape"]) != tuple(target.shape):
+        return None
+    n = min(p.evaluate.n_samples, len(target.data))
+    z0 = eval_noise(p, layout, n, tuple(target.shape)).to(dev)
+    with torch.inference_mode():
+        x = solve(model, z0, "euler", int(card["meta"].get("steps", 1))).x.float()
+    return metrics.w2(x, target.data[:n])

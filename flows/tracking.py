@@ -1,0 +1,232 @@
+"""MLflow tracking for pipeline runs: one parent run per pipeline run, one child run per stage.
+
+Runs are created and written through ``MlflowClient`` with explicit run ids (never the fluent
+"active run", which is per thread, and Prefect tasks may run in threads). The default store is
+``sqlite:///mlflow.db``; any tracking URI works by setting. A server that does not answer is probed
+once with a short timeout: ``tracking.on_unreachable: fallback`` logs to the local sqlite store
+instead and says so; ``fail`` stops with a clear error. Nothing here ever logs a secret.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from rectflow.config import Params, ParamsError
+from rectflow.layout import Layout
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+LOCAL_URI = "sqlite:///mlflow.db"
+MODEL_STAGES = {"pretrain": ["rf1"], "distill": ["distilled"], "quantize": ["distilled-int8", "distilled-bf16"]}
+SECRET_HINTS = ("secret", "password", "token", "access_key", "credential")
+
+
+class TrackingUnavailable(ParamsError):
+    """The configured MLflow server does not answer and ``on_unreachable`` is ``fail``."""
+
+
+def _reachable(uri: str, timeout: float = 3.0) -> bool:
+    if not uri.startswith(("http://", "https://")):
+        return True
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+            return r.status < 500
+    except Exception:
+        return False
+
+
+def resolve_uri(p: Params) -> tuple[str, str | None]:
+    """(URI to use, a warning if we fell back). Env ``MLFLOW_TRACKING_URI`` overrides params."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or p.tracking.mlflow_uri
+    if _reachable(uri):
+        return uri, None
+    if p.tracking.on_unreachable == "fail":
+        raise TrackingUnavailable(f"tracking.mlflow_uri: MLflow server {uri} does not answer")
+    return LOCAL_URI, f"MLflow server {uri} does not answer; logging to {LOCAL_URI} instead"
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out |= flatten(v, f"{prefix}{k}." if not isinstance(v, dict) or v else f"{prefix}{k}")
+        return {k.rstrip("."): v for k, v in out.items()}
+    out[prefix] = d
+    return out
+
+
+def _safe(key: str) -> bool:
+    return not any(h in key.lower() for h in SECRET_HINTS)
+
+
+def git_commit(root: Path) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def dvc_lock_hashes(root: Path, stage: str) -> dict[str, str]:
+    """``dvc.lock`` md5 of the stage's outputs (data sets, pairs, models), as tags."""
+    lock = root / "dvc.lock"
+    if not lock.is_file():
+        return {}
+    import yaml
+
+    doc = yaml.safe_load(lock.read_text()) or {}
+    outs = (doc.get("stages", {}).get(stage) or {}).get("outs", [])
+    return {f"dvc.out.{o['path']}": o.get("md5", "") for o in outs if "md5" in o}
+
+
+class Tracker:
+    """The MLflow side of one pipeline run."""
+
+    def __init__(self, p: Params, root: Path) -> None:
+        import mlflow
+        from mlflow import MlflowClient
+
+        self.p, self.root = p, root
+        self.uri, self.warning = resolve_uri(p)
+        if self.warning:
+            print(f"rectflow: warning: {self.warning}", file=sys.stderr, flush=True)
+        if self.uri.startswith("sqlite:///") and not self.uri.startswith("sqlite:////"):
+            self.uri = f"sqlite:///{(root / self.uri[len('sqlite:///'):]).resolve()}"
+        mlflow.set_tracking_uri(self.uri)
+        self.client = MlflowClient(self.uri)
+        exp = self.client.get_experiment_by_name(p.tracking.experiment)
+        if exp is None:
+            art = (root / "mlruns").resolve().as_uri() if not self.uri.startswith("http") else None
+            self.experiment_id = self.client.create_experiment(p.tracking.experiment, artifact_location=art)
+        else:
+            self.experiment_id = exp.experiment_id
+
+    # -- runs -----------------------------------------------------------------------------------
+
+    def start_parent(self, tags: dict[str, str], overrides: list[str]) -> str:
+        from mlflow.entities import Param
+
+        run = self.client.create_run(self.experiment_id, run_name=tags.get("rectflow.run_name", "pipeline"), tags=tags)
+        params = {k: v for k, v in flatten(self.p.model_dump(mode="json")).items() if _safe(k)}
+        self._log_params(run.info.run_id, params)
+        if overrides:
+            self.client.log_batch(run.info.run_id, params=[Param("overrides", "; ".join(overrides)[:6000])])
+        return run.info.run_id
+
+    def start_child(self, parent_id: str, stage: str, tags: dict[str, str]) -> str:
+        run = self.client.create_run(
+            self.experiment_id, run_name=stage, tags={"mlflow.parentRunId": parent_id, "rectflow.stage": stage} | tags
+        )
+        section = getattr(self.p, stage, None)
+        if section is not None:
+            self._log_params(run.info.run_id, {f"{stage}.{k}": v for k, v in flatten(section.model_dump(mode="json")).items()})
+        return run.info.run_id
+
+    def end(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
+
+    def run_url(self, run_id: str) -> str:
+        base = self.uri if self.uri.startswith("http") else "http://127.0.0.1:5000 (mlflow ui --backend-store-uri sqlite:///mlflow.db)"
+        return f"{base}/#/experiments/{self.experiment_id}/runs/{run_id}"
+
+    # -- what a stage logs ----------------------------------------------------------------------
+
+    def log_stage(self, run_id: str, stage: str, record: dict[str, Any], executed: bool) -> None:
+        from mlflow.entities import Metric
+
+        layout = Layout(self.root)
+        now = int(time.time() * 1000)
+        self.client.set_tag(run_id, "rectflow.skipped", str(not executed).lower())
+        for k, v in dvc_lock_hashes(self.root, stage).items():
+            self.client.set_tag(run_id, k, v)
+        numeric = {k: float(v) for k, v in flatten(record).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        metrics = [Metric(_key(k), v, now, 0) for k, v in numeric.items()]
+        for name in _trained_models(stage, record):
+            hist = layout.history(name)
+            if hist.is_file():
+                with open(hist) as f:
+                    for row in csv.DictReader(f):
+                        step = int(row["step"])
+                        metrics += [Metric(f"train/{name}/loss", float(row["loss"]), now, step),
+                                    Metric(f"train/{name}/samples_per_s", float(row["samples_per_s"]), now, step)]
+        for i in range(0, len(metrics), 900):
+            self.client.log_batch(run_id, metrics=metrics[i : i + 900])
+        if layout.stage_metrics(stage).is_file():
+            self.client.log_artifact(run_id, str(layout.stage_metrics(stage)), "metrics")
+        for name in MODEL_STAGES.get(stage, []) + (_reflow_models(record) if stage == "reflow" else []):
+            for suffix in (".safetensors", ".json"):
+                path = layout.model(name).with_suffix(suffix)
+                if path.is_file():
+                    self.client.log_artifact(run_id, str(path), f"models/{name}")
+        if stage in ("couple", "reflow"):
+            for man in sorted(layout.couplings.glob("round-*/manifest.json")):
+                self.client.log_artifact(run_id, str(man), f"couplings/{man.parent.name}")
+        if stage == "evaluate":
+            rows = json.loads((layout.metrics / "eval.json").read_text())["rows"]
+            for r in rows:
+                key = f"{r['model']}/{r['solver']}/nfe{r['nfe']}"
+                ms = [Metric(f"eval/{key}/{m}", float(r[m]), now, int(r["nfe"]))
+                      for m in ("w2", "mmd", "transport_cost", "latency_ms", "fd") if r.get(m) is not None]
+                self.client.log_batch(run_id, metrics=ms)
+            self.client.log_artifact(run_id, str(layout.metrics / "eval.json"), "metrics")
+            for plot in sorted(layout.plots.glob("*")):
+                if plot.is_file():
+                    self.client.log_artifact(run_id, str(plot), "plots")
+
+    def log_summary(self, run_id: str, summary: dict[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        ms = [Metric(_key(k), float(v), now, 0) for k, v in summary.items() if isinstance(v, (int, float))]
+        if ms:
+            self.client.log_batch(run_id, metrics=ms)
+
+    def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in params.items()]
+        for i in range(0, len(items), 90):
+            self.client.log_batch(run_id, params=items[i : i + 90])
+
+
+def _key(k: str) -> str:
+    return k.replace(".", "/").replace(" ", "_")
+
+
+def _trained_models(stage: str, record: dict[str, Any]) -> list[str]:
+    if stage == "pretrain":
+        return ["rf1"]
+    if stage == "reflow":
+        return _reflow_models(record)
+    if stage == "distill":
+        return [s["model"] for s in record.get("students", [])]
+    return []
+
+
+def _reflow_models(record: dict[str, Any]) -> list[str]:
+    return [r["train"]["model"] for r in record.get("rounds", [])]
+
+
+def download_model(uri: str, tracking_uri: str | None = None) -> Path:
+    """Fetch a registered model (``models:/NAME@ALIAS``) and return the stem of its weights."""
+    import mlflow
+
+    from rectflow.nets import ModelError
+
+    mlflow.set_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", LOCAL_URI))
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(uri))
+    except Exception as e:
+        raise ModelError(f"--model: cannot fetch {uri} from MLflow ({str(e).splitlines()[0][:200]})") from None
+    found = sorted(local.rglob("*.safetensors"))
+    if not found:
+        raise ModelError(f"--model: {uri} holds no .safetensors weights")
+    return found[0].with_suffix("")
