@@ -11,7 +11,6 @@ them, and logged as the MLflow parent run's ``overrides``.
 Tasks pass small records (stage name, whether it ran, MLflow run id, a few figures), never tensors.
 """
 
-from __future__ import annotations
 
 import json
 import os
@@ -201,8 +200,16 @@ def _artifact(root: Path, tracker, parent: str | None, executed: list[str], prom
     )
     mlflow_line = f"MLflow run: {tracker.run_url(parent)}" if tracker and parent else "MLflow tracking off"
     promo = f"\n\nRegistry: {promotion.get('decision')} ({promotion.get('detail', '')})" if promotion else ""
-    grids = sorted((Layout(root).plots / "samples").glob("*.png")) if (Layout(root).plots / "samples").is_dir() else []
-    grid_line = ("\n\nSample grids: " + ", ".join(g.name for g in grids)) if grids else ""
+    plots = Layout(root).plots
+    grids = sorted((plots / "samples").glob("*.png")) if (plots / "samples").is_dir() else []
+    grid_line = ""
+    if (plots / "side_by_side.png").is_file():
+        import base64
+
+        b64 = base64.b64encode((plots / "side_by_side.png").read_bytes()).decode()
+        grid_line += f"\n\n![1-RF 1 step | last RF 1 step | distilled | 1-RF 100 steps](data:image/png;base64,{b64})"
+    if grids:
+        grid_line += "\n\nSample grids (MLflow artifacts plots/samples/): " + ", ".join(g.name for g in grids)
     md = (f"# rectflow evaluation\n\nStages run: {', '.join(executed) or 'none (all up to date)'}\n\n{mlflow_line}"
           f"{promo}{grid_line}\n\n{head}{body}")
     create_markdown_artifact(markdown=md, key="rectflow-evaluation", description="Evaluation table of this pipeline run")
@@ -214,5 +221,5 @@ def run_cli(params_path: Path, overrides: list[str]) -> dict[str, Any]:
     if Path(params_path).resolve() != (Path.cwd() / PARAMS_FILE).resolve():
         raise ParamsError(f"--params: the pipeline runs on ./{PARAMS_FILE} (dvc.yaml reads it); got {params_path}")
     result = pipeline(params=p)
-    print(json.dumps({k: v for k, v in result.items() if k != "promotion"} | {"promotion": result.get("promotion", {}).get("decision")}), flush=True)
+    print(json.dumps(result), flush=True)
     return result

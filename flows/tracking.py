@@ -180,6 +180,8 @@ class Tracker:
             for plot in sorted(layout.plots.glob("*")):
                 if plot.is_file():
                     self.client.log_artifact(run_id, str(plot), "plots")
+            if (layout.plots / "samples").is_dir():
+                self.client.log_artifacts(run_id, str(layout.plots / "samples"), "plots/samples")
 
     def log_summary(self, run_id: str, summary: dict[str, Any]) -> None:
         from mlflow.entities import Metric

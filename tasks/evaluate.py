@@ -71,10 +71,11 @@ def run(p: Params, layout: Layout) -> dict:
     e = p.evaluate
     target = load_prepared(layout.prepared, "target", "test")
     assert target.data is not None
-    n = min(e.n_samples, len(target.data))
-    ref = target.data[:n]
+    ref = target.data[: e.n_samples]
     shape = tuple(target.shape)
-    z0 = eval_noise(p, layout, n, shape).to(dev)
+    z0 = eval_noise(p, layout, e.n_samples, shape).to(dev)
+    images = len(shape) == 3
+    firsts: dict[tuple[str, str, int], torch.Tensor] = {}
     groups = model_groups(p, layout)
     cache: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
 
@@ -106,12 +107,36 @@ def run(p: Params, layout: Layout) -> dict:
         }
         if fd_ctx is not None:
             row |= fd_ctx(x)
+        if images:
+            from rectflow.imaging import save_grid_png
+
+            firsts[(name, solver, row["nfe"])] = x[:64].cpu()
+            save_grid_png(x[:64].cpu().numpy(), layout.plots / "samples" / f"{name}-{solver}-nfe{row['nfe']}.png", scale=3)
         rows.append(row)
         print(f"[evaluate] {name:>16} {solver:>8} nfe={row['nfe']:>4} w2={row['w2']:.4f}", file=sys.stderr, flush=True)
     atomic_write_json(layout.metrics / "eval.json", {"rows": rows})
     summary = _summary(p, layout, rows, z0, ref)
     _plots(p, layout, rows, groups, z0)
+    if images:
+        _side_by_side(p, layout, groups, z0[:64], firsts, get)
     return summary
+
+
+def _side_by_side(p: Params, layout: Layout, groups: dict[str, list[str]], z0: torch.Tensor,
+                  firsts: dict[tuple[str, str, int], torch.Tensor], get) -> None:  # type: ignore[no-untyped-def]
+    """1-RF at 1 step | last flow at 1 step | distilled | 1-RF at 100 steps, from the same noise."""
+    from rectflow.imaging import side_by_side_png
+
+    last = groups["flows"][-1]
+    panels = []
+    for title, name, steps in (("1-RF, 1 step", "rf1", 1), (f"{len(groups['flows'])}-RF, 1 step", last, 1),
+                               ("distilled, 1 step", "distilled", 1), ("1-RF, 100 steps", "rf1", 100)):
+        x = firsts.get((name, "euler", steps))
+        if x is None:
+            with torch.inference_mode():
+                x = solve(get(name)[0], z0, "euler", steps).x.float().cpu()
+        panels.append((title, x.numpy()))
+    side_by_side_png(panels, layout.plots / "side_by_side.png", scale=3)
 
 
 def _fd_context(p: Params, layout: Layout, dev: torch.device):
@@ -141,8 +166,9 @@ def _summary(p: Params, layout: Layout, rows: list[dict], z0: torch.Tensor, ref:
         out["straightness/rf1"] = s1["straightness"]
         out[f"straightness/{last}"] = s2["straightness"]
         out["straightness_ratio"] = s2["straightness"] / s1["straightness"]
-    perm = torch.randperm(len(ref), generator=torch.Generator().manual_seed(0))
-    out["transport_cost/independent"] = metrics.transport_cost(z0.cpu()[: len(ref)], ref[perm][: len(z0)])
+    m = min(len(ref), len(z0))
+    perm = torch.randperm(len(ref), generator=torch.Generator().manual_seed(0))[:m]
+    out["transport_cost/independent"] = metrics.transport_cost(z0.cpu()[:m], ref[perm])
     for k in range(1, p.reflow.rounds + 2):
         man = read_manifest(layout.round_dir(k))
         out[f"transport_cost/round-{k}"] = sum(s["cost_sum"] for s in man["shards"]) / man["n_pairs"]
@@ -197,8 +223,7 @@ def score_one_step(p: Params, layout: Layout, stem) -> float | None:  # type: ig
     model, card = load_model(stem, dev)
     if tuple(card["arch"]["shape"]) != tuple(target.shape):
         return None
-    n = min(p.evaluate.n_samples, len(target.data))
-    z0 = eval_noise(p, layout, n, tuple(target.shape)).to(dev)
+    z0 = eval_noise(p, layout, p.evaluate.n_samples, tuple(target.shape)).to(dev)
     with torch.inference_mode():
         x = solve(model, z0, "euler", int(card["meta"].get("steps", 1))).x.float()
-    return metrics.w2(x, target.data[:n])
+    return metrics.w2(x, target.data[: p.evaluate.n_samples])

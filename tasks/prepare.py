@@ -69,5 +69,11 @@ def run(p: Params, layout: Layout) -> dict:
             meta[side] = {"kind": "gaussian", "shape": list(value)}
             for split in ("train", "test"):
                 (layout.prepared / f"{side}-{split}.npy").unlink(missing_ok=True)
-    atomic_write_json(layout.prepared / "meta.json", meta)
-    return {"source": meta["source"], "target": meta["target"]}
+    features = None
+    if len(meta["target"]["shape"]) == 3:  # images: the frozen feature net of the Fréchet distance
+        from tasks.features import train_and_save
+
+        labels = make_split(load_digits()[1], p.data.test_fraction, p.seed)[0] if p.data.target == "digits" else None
+        features = train_and_save(layout, sides["target"][0], labels, p.seed)  # type: ignore[index]
+    atomic_write_json(layout.prepared / "meta.json", meta | {"features": features})
+    return {"source": meta["source"], "target": meta["target"], "features": features}
