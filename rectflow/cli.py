@@ -7,6 +7,7 @@ nightly deployment. A bad argument, key or value exits with status 2 and one lin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -27,10 +28,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input (exit 2), not a bug."""
     from rectflow.config import ParamsError
     from rectflow.data import DataError
+    from rectflow.lock import LockError
     from rectflow.nets import ModelError
     from rectflow.pairs import ManifestError
 
-    errs: list[type[BaseException]] = [ParamsError, DataError, ModelError, ManifestError]
+    errs: list[type[BaseException]] = [ParamsError, DataError, ModelError, ManifestError, LockError]
     try:
         from rectflow.storage import StorageError
 
@@ -54,40 +56,149 @@ def _guard(fn, *args, **kwargs):
         fail(str(e))
     except NonFiniteLossError as e:
         fail(str(e), code=1)
+    except StageFailedError as e:
+        fail(str(e), code=1)
 
 
-def run_stage(name: str, params: Path, overrides: list[str], root: Path = Path(".")) -> dict:
-    """Load params, run stage ``name``, write ``metrics/<name>.json``; returns the stage's record."""
-    import importlib
-
-    from rectflow.config import load_params
-    from rectflow.io import atomic_write_json
-    from rectflow.layout import Layout
+def _stage_params(name: str, params: Path, overrides: list[str]):
+    """The validated params of stage ``name``, or ParamsError (one line). Imports no torch."""
+    from rectflow.config import ParamsError, load_params
     from tasks import STAGES
 
     if name not in STAGES:
-        from rectflow.config import ParamsError
-
         raise ParamsError(f"stage: unknown {name!r}; expected one of {', '.join(STAGES)}")
-    p = load_params(params, overrides)
+    try:
+        p = load_params(params, overrides)
+    except ParamsError as e:
+        raise ParamsError(" ".join(str(e).splitlines())) from None  # one line, whatever the key holds
+    except UnicodeDecodeError:
+        raise ParamsError(f"{params}: not UTF-8 text") from None
+    except RecursionError:
+        raise ParamsError(f"{params} or --set: a value is nested too deeply") from None
+    try:
+        return p.effective()
+    except (EOFError, OSError, ValueError):
+        return p  # the data file could not be probed (empty, damaged): the stage names it itself
+
+
+def run_stage(name: str, params: Path, overrides: list[str], root: Path = Path(".")) -> dict:
+    """Load params, run stage ``name``, write ``metrics/<name>.json``; returns the stage's record.
+
+    Holds the workspace lock (:mod:`rectflow.lock`) while the stage runs.
+    """
+    import contextlib
+    import importlib
+
+    from rectflow.config import ParamsError
+    from rectflow.io import atomic_write_json
+    from rectflow.layout import Layout
+
+    p = _stage_params(name, params, overrides)  # bad params fail here, before anything is touched
     _configure_threads()
     layout = Layout(root)
     module = importlib.import_module(f"tasks.{name}")
-    t0 = time.perf_counter()
-    record = module.run(p, layout)
-    record = {"stage": name, "wall_seconds": round(time.perf_counter() - t0, 3)} | record
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
-        atomic_write_json(layout.stage_metrics(name), record)
+    from rectflow.lock import workspace_lock
+
+    distributed = (dist.is_available() and dist.is_initialized()) or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+    # One writer per workspace (rectflow/lock.py): a second run refuses naming the holder, or with
+    # RECTFLOW_LOCK_WAIT=1 queues behind it. Under torchrun the ranks share one run: no lock.
+    wait = os.environ.get("RECTFLOW_LOCK_WAIT", "").strip().lower() in ("1", "true", "yes")
+    try:
+        timeout = float(os.environ.get("RECTFLOW_LOCK_TIMEOUT", "") or 3600)
+    except ValueError:
+        raise ParamsError(f"RECTFLOW_LOCK_TIMEOUT: expected seconds, got {os.environ['RECTFLOW_LOCK_TIMEOUT']!r}") from None
+    lock = workspace_lock(root, wait=wait, timeout=timeout) if not distributed else contextlib.nullcontext()
+    nproc = getattr(getattr(p, name, None), "nproc", 1) if name in DDP_STAGES else 1
+    if distributed and name not in DDP_STAGES:
+        raise ParamsError(f"stage {name}: runs in one process, not under torchrun "
+                          f"(data-parallel stages: {', '.join(DDP_STAGES)})")
+    with lock, contextlib.ExitStack() as stack:
+        if nproc > 1 and not distributed:  # `TRAIN.nproc` > 1: this process becomes the launcher
+            return _run_under_torchrun(name, params, overrides, root, nproc)
+        stack.enter_context(_process_group())  # under torchrun: one process group per stage
+        t0 = time.perf_counter()
+        record = module.run(p, layout)
+        record = {"stage": name, "wall_seconds": round(time.perf_counter() - t0, 3)} | record
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+            atomic_write_json(layout.stage_metrics(name), record)
     return record
 
 
 def _configure_threads() -> None:
     import torch
 
-    n = int(os.environ.get("RECTFLOW_THREADS", "0")) or os.cpu_count() or 1
+    per_process = (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))  # torchrun
+    raw = os.environ.get("RECTFLOW_THREADS", "").strip() or "0"
+    if not raw.isdigit():
+        from rectflow.config import ParamsError
+
+        raise ParamsError(f"RECTFLOW_THREADS: expected a whole number of threads, got {raw!r}")
+    n = int(raw) or max(1, per_process)
     torch.set_num_threads(n)
+
+
+# ---- data-parallel training under torchrun -------------------------------------------------------
+
+DDP_STAGES = ("pretrain", "reflow", "distill")
+_LAUNCHED = "RECTFLOW_TORCHRUN_LAUNCHED"  # set by the launcher for its ranks: it prints the summary
+
+
+class StageFailedError(RuntimeError):
+    """A stage's worker processes failed (their own errors are on stderr above this line)."""
+
+
+def _run_under_torchrun(name: str, params: Path, overrides: list[str], root: Path, nproc: int) -> dict:
+    """Run stage ``name`` as ``torchrun --standalone --nproc_per_node NPROC -m rectflow.cli stage
+    NAME ...`` (same params and overrides, in ``root``); return the record rank 0 wrote."""
+    import subprocess
+
+    from rectflow.io import read_json
+    from rectflow.layout import Layout
+
+    metrics = Layout(root).stage_metrics(name)
+    before = metrics.stat().st_mtime_ns if metrics.is_file() else None
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "rectflow.cli", "stage", name, "--params", str(Path(params).absolute())]
+    for item in overrides:
+        cmd += ["--set", item]
+    env = {**os.environ, _LAUNCHED: "1"}
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    print(f"[{name}] data parallel: torchrun --standalone --nproc_per_node {nproc}", file=sys.stderr, flush=True)
+    rc = subprocess.run(cmd, cwd=root, env=env).returncode
+    if rc != 0:
+        raise StageFailedError(f"stage {name}: torchrun with {nproc} processes exited with status {rc} "
+                               "(the failing rank's error is above)")
+    if not metrics.is_file() or metrics.stat().st_mtime_ns == before:
+        raise StageFailedError(f"stage {name}: torchrun finished but rank 0 wrote no {metrics}")
+    return read_json(metrics)
+
+
+@contextlib.contextmanager
+def _process_group():
+    """Under torchrun (``WORLD_SIZE`` > 1, no group yet): ``init_process_group`` (nccl on CUDA,
+    gloo on CPU) for the stage, ``destroy_process_group`` after. Elsewhere: nothing."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1 or not dist.is_available() or dist.is_initialized():
+        yield
+        return
+    from rectflow.device import pick_device
+
+    dev = pick_device()
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    # Generous: in reflow, the other ranks wait at a barrier while rank 0 couples the next round.
+    timeout = datetime.timedelta(seconds=float(os.environ.get("RECTFLOW_DIST_TIMEOUT", "") or 4 * 3600))
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timeout)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 @app.command()
@@ -97,7 +208,20 @@ def stage(
     set_: SetOpt = None,
 ) -> None:
     """Run one pipeline stage (dvc.yaml calls this)."""
-    record = _guard(run_stage, name, params, set_ or [])
+    from rectflow.config import ParamsError
+
+    try:
+        try:  # bad params are refused before the heavy imports: one line, exit 2, at once
+            _stage_params(name, params, set_ or [])
+        except ParamsError as e:
+            fail(str(e))
+        record = _guard(run_stage, name, params, set_ or [])
+    except typer.Exit as e:
+        # Under main()'s standalone_mode=False click *returns* a typer.Exit's code instead of
+        # exiting with it; exit here so the status (2 bad input, 1 failure) reaches the caller.
+        sys.exit(e.exit_code)
+    if os.environ.get("RANK", "0") != "0" or os.environ.get(_LAUNCHED):
+        return  # under torchrun: rank 0 prints, or the launcher when it started the ranks itself
     summary = {k: v for k, v in record.items() if not isinstance(v, (dict, list))}
     print(json.dumps(summary), flush=True)
 
@@ -176,18 +300,21 @@ def serve(params: ParamsOpt = Path("params.yaml")) -> None:
 
 
 def main() -> None:
+    """Entry point: exit 0 on success, 2 with one line on bad input, 1 on a failed run."""
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except Exception as e:  # click usage errors and the like
-        import click
-
-        if isinstance(e, click.exceptions.UsageError):
-            fail(e.format_message())
-        if isinstance(e, click.exceptions.Abort):
+    except Exception as e:
+        # usage errors (click's, or the copy typer vendors): unknown option, bad value, missing argument
+        if hasattr(e, "format_message") and type(e).__name__ in ("UsageError", "BadParameter", "NoSuchOption",
+                                                                  "MissingParameter", "BadOptionUsage", "BadArgumentUsage"):
+            print(f"rectflow: error: {' '.join(e.format_message().split())}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        if type(e).__name__ == "Abort":
             sys.exit(130)
         raise
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":

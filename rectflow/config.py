@@ -104,6 +104,11 @@ class TrainParams(Section):
     precision: Precision = Field("fp32", description="bf16 autocast where the hardware has it.")
     checkpoint_every: PosInt = 1000
     log_every: PosInt = 50
+    nproc: PosInt = Field(
+        1, description="Processes (one per GPU, or CPU processes) for data-parallel training under torchrun; "
+        "> 1: the stage launches torchrun itself. batch_size stays the global batch (batch_size / nproc per "
+        "process)."
+    )
 
 
 class PretrainParams(TrainParams):
@@ -124,6 +129,10 @@ class CoupleParams(Section):
     atol: PosFloat = 1e-5
     precision: Precision = "fp32"
     workers: PosInt = Field(1, description="Dask workers for shard generation (1: in process).")
+    dask_address: str | None = Field(
+        None, description="A running Dask scheduler (tcp://HOST:PORT) for shard generation; None: a local "
+        "cluster of `workers` processes. RECTFLOW_DASK_ADDRESS wins over it."
+    )
 
 
 class ReflowParams(TrainParams):
@@ -201,10 +210,50 @@ class ScheduleParams(Section):
     timezone: str = "UTC"
 
 
+_SECTION_CLASSES: dict[str, type[Section]] = {
+    "pretrain": PretrainParams, "couple": CoupleParams, "reflow": ReflowParams,
+    "distill": DistillParams, "evaluate": EvaluateParams,
+}
+
+
+def _image_budget() -> dict[str, dict[str, Any]]:
+    return {
+        "pretrain": {"steps": 4000, "batch_size": 128, "lr": 5e-4, "precision": "bf16"},
+        "couple": {"n_pairs": 10_000, "shard_size": 2500, "batch_size": 2500, "solver": "euler", "steps": 100},
+        "reflow": {"steps": 3000, "batch_size": 128, "lr": 2e-4, "precision": "bf16"},
+        "distill": {"steps": 3000, "batch_size": 128, "lr": 1e-4, "precision": "bf16"},
+        "evaluate": {"n_samples": 1000, "latency_batch": 256},
+    }
+
+
+class ImagesParams(Section):
+    """Budgets for image data (c, h, w), where a U-Net step costs ~100× an MLP step on a CPU.
+
+    When the target is images, each key here replaces the stage key's *built-in default*; a value set
+    in the stage section itself (in params.yaml or with ``--set``) always wins.
+    """
+
+    pretrain: dict[str, Any] = Field(default_factory=lambda: _image_budget()["pretrain"])
+    couple: dict[str, Any] = Field(default_factory=lambda: _image_budget()["couple"])
+    reflow: dict[str, Any] = Field(default_factory=lambda: _image_budget()["reflow"])
+    distill: dict[str, Any] = Field(default_factory=lambda: _image_budget()["distill"])
+    evaluate: dict[str, Any] = Field(default_factory=lambda: _image_budget()["evaluate"])
+
+    @model_validator(mode="after")
+    def _keys_exist(self) -> ImagesParams:
+        for section, values in self.model_dump().items():
+            cls = _SECTION_CLASSES[section]
+            unknown = sorted(set(values) - set(cls.model_fields))
+            if unknown:
+                raise ValueError(f"{section}.{unknown[0]}: unknown key")
+            cls.model_validate(values)
+        return self
+
+
 class Params(Section):
     """The whole ``params.yaml``."""
 
-    seed: NonNegInt = 0
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
     pretrain: PretrainParams = PretrainParams()
@@ -216,12 +265,50 @@ class Params(Section):
     tracking: TrackingParams = TrackingParams()
     storage: StorageParams = StorageParams()
     schedule: ScheduleParams = ScheduleParams()
+    images: ImagesParams = ImagesParams()
+
+    def effective(self) -> Params:
+        """These params as the stages use them: the ``images`` budget applied when the target is images."""
+        if not target_is_images(self.data):
+            return self
+        updates: dict[str, Any] = {}
+        for section, values in self.images.model_dump().items():
+            current = getattr(self, section)
+            fields = type(current).model_fields
+            changes = {k: v for k, v in values.items() if getattr(current, k) == fields[k].get_default(call_default_factory=True)}
+            if changes:
+                updates[section] = type(current).model_validate(current.model_dump() | changes)
+        return self.model_copy(update=updates)
+
+
+def target_is_images(data: DataParams) -> bool:
+    """Whether π1 is (c, h, w) data: digits, an image folder, or a 4-D .npy/.npz array."""
+    if data.target == "digits":
+        return True
+    if data.target != "file" or not data.target_path:
+        return False
+    path = Path(data.target_path)
+    try:
+        if path.is_dir():
+            return True
+        if path.suffix.lower() == ".npy":
+            import numpy as np
+
+            return np.load(path, mmap_mode="r", allow_pickle=False).ndim == 4
+        if path.suffix.lower() == ".npz":
+            import numpy as np
+
+            with np.load(path, allow_pickle=False) as z:
+                return any(z[k].ndim == 4 for k in z.files[:1])
+    except (OSError, ValueError, EOFError):
+        return False  # prepare reports the bad file with its name
+    return False
 
 
 def _format_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(part) for part in first["loc"])
-    msg = first["msg"]
+    loc = " ".join(".".join(str(part) for part in first["loc"]).split())  # one line, whatever a key holds
+    msg = " ".join(str(first["msg"]).split())
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     elif first["type"] in ("literal_error",):
@@ -238,6 +325,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise ParamsError(f"--set {item!r}: expected KEY=VALUE with a dotted key")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
+    except RecursionError:
+        raise ParamsError(f"--set {key}: value is nested too deeply") from None
     except yaml.YAMLError as e:
         raise ParamsError(f"--set {key}: value {raw!r} is not valid YAML ({e.__class__.__name__})") from None
     if isinstance(value, float) and not math.isfinite(value):
@@ -272,6 +361,8 @@ def validate(doc: Any, source: str = "") -> Params:
         raise ParamsError(f"{source or 'params'}: expected a mapping of sections, got {type(doc).__name__}")
     try:
         return Params.model_validate(doc)
+    except RecursionError:
+        raise ParamsError(f"{source or 'params'}: a value is nested too deeply") from None
     except ValidationError as e:
         raise ParamsError(_format_error(e, source)) from None
     except (TypeError, ValueError) as e:  # defensive: pydantic wraps almost everything
@@ -284,6 +375,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ParamsError(f"{p}: params file not found")
     try:
         doc = yaml.safe_load(p.read_text())
+    except UnicodeDecodeError:
+        raise ParamsError(f"{p}: not UTF-8 text") from None
+    except RecursionError:
+        raise ParamsError(f"{p}: a value is nested too deeply") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""

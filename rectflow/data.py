@@ -10,6 +10,7 @@ The 2D generators follow the scalings of torchcfm (Tong et al.) where it has the
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 from collections.abc import Callable
@@ -171,7 +172,10 @@ def load_array_file(path: str | Path) -> np.ndarray:
     except DataError:
         raise
     except Exception as e:  # corrupt file: name it, not the parser's internals
-        raise DataError(f"{p}: cannot be read ({e.__class__.__name__}: {str(e).splitlines()[0][:200]})") from None
+        if "pickle" in str(e):  # numpy's advice to load it unsafely is not ours to give
+            raise DataError(f"{p}: cannot be read (not a plain numeric array; pickled objects are never loaded)") from None
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise DataError(f"{p}: cannot be read ({e.__class__.__name__}: {first})") from None
     return _check_array(np.asarray(x), str(p))
 
 
@@ -222,7 +226,13 @@ def prepared_meta(prepared: Path) -> dict:
     path = prepared / "meta.json"
     if not path.is_file():
         raise DataError(f"{path}: missing; run the prepare stage first")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+        for side in ("source", "target"):
+            meta[side]["kind"], tuple(meta[side]["shape"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DataError(f"{path}: not a valid prepare record; rerun the prepare stage") from None
+    return meta
 
 
 def load_prepared(prepared: Path, side: str, split: str) -> Distribution:
@@ -234,7 +244,15 @@ def load_prepared(prepared: Path, side: str, split: str) -> Distribution:
     path = prepared / f"{side}-{split}.npy"
     if not path.is_file():
         raise DataError(f"{path}: missing; run the prepare stage first")
-    arr = np.load(path, allow_pickle=False)
-    if tuple(arr.shape[1:]) != shape:
+    expected = (meta.get("files") or {}).get(split, {}).get("sha256")
+    data = path.read_bytes()
+    if expected and hashlib.sha256(data).hexdigest() != expected:
+        raise DataError(f"{path}: sha256 does not match meta.json's; the file was changed or damaged "
+                        "(rerun the prepare stage)")
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot be read ({e.__class__.__name__}); rerun the prepare stage") from None
+    if arr.ndim < 1 or tuple(arr.shape[1:]) != shape:
         raise DataError(f"{path}: shape {tuple(arr.shape)} does not match meta.json's {shape}")
     return Distribution(shape, torch.from_numpy(arr))

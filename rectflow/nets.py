@@ -146,16 +146,67 @@ def read_model_card(stem: Path) -> dict[str, Any]:
 
 
 def load_state(stem: Path) -> dict[str, Tensor]:
+    """The weights of ``stem`` (safetensors only: never a pickle), checked against the sha256 its
+    card (``stem.json``, when present) recorded when they were saved."""
+    import hashlib
+
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     path = Path(stem).with_suffix(".safetensors")
     if not path.is_file():
         raise ModelError(f"{path}: weights not found")
     try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ModelError(f"{path}: not readable safetensors ({e})") from None
+        data = path.read_bytes()
+    except OSError as e:
+        raise ModelError(f"{path}: cannot be read ({e.strerror})") from None
+    expected = _card_sha256(Path(stem))
+    if expected is not None:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != expected:
+            raise ModelError(
+                f"{path}: sha256 {digest[:12]}… does not match the {expected[:12]}… recorded in "
+                f"{Path(stem).with_suffix('.json').name}; the weights were changed or damaged"
+            )
+    try:
+        state = load(data)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ModelError(f"{path}: not readable safetensors ({' '.join(str(e).split())[:200]})") from None
+    _check_against_card(Path(stem), state)
+    return state
+
+
+def _card(stem: Path) -> dict[str, Any] | None:
+    try:
+        card = json.loads(stem.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return None
+    return card if isinstance(card, dict) else None
+
+
+def _card_sha256(stem: Path) -> str | None:
+    meta = (_card(stem) or {}).get("meta")
+    sha = meta.get("sha256") if isinstance(meta, dict) else None
+    return sha if isinstance(sha, str) else None
+
+
+def _check_against_card(stem: Path, state: dict[str, Tensor]) -> None:
+    """Weights that do not fit the architecture in ``stem.json`` are a ModelError naming the file,
+    whoever loads them (an empty module is built on the meta device: no memory, no compute)."""
+    card = _card(stem)
+    if card is None or not isinstance(card.get("arch"), dict):
+        return
+    if isinstance(card.get("meta"), dict) and card["meta"].get("quant"):
+        return  # quantized layouts are checked by rectflow.quant
+    try:
+        with torch.device("meta"):
+            model = build_model(card["arch"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        if isinstance(e, ModelError):
+            raise ModelError(f"{stem.with_suffix('.json')}: {e}") from None
+        raise ModelError(f"{stem.with_suffix('.json')}: architecture incomplete or invalid "
+                         f"({e.__class__.__name__}: {' '.join(str(e).split())[:200]})") from None
+    check_state(model, state, stem.with_suffix(".safetensors"))
 
 
 def load_model(stem: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -172,8 +223,11 @@ def load_model(stem: Path, device: torch.device | str = "cpu") -> tuple[nn.Modul
         return load_quantized(Path(stem), card, device), card
     try:
         model = build_model(card["arch"])
-    except (KeyError, TypeError) as e:
-        raise ModelError(f"{Path(stem).with_suffix('.json')}: architecture incomplete ({e})") from None
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        if isinstance(e, ModelError):
+            raise
+        raise ModelError(f"{Path(stem).with_suffix('.json')}: architecture incomplete or invalid "
+                         f"({e.__class__.__name__}: {' '.join(str(e).split())[:200]})") from None
     state = load_state(stem)
     check_state(model, state, Path(stem).with_suffix(".safetensors"))
     model.load_state_dict(state)

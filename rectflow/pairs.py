@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +27,9 @@ import torch
 from torch import Tensor
 
 from rectflow.io import atomic_path, file_sha256, read_json
+
+if TYPE_CHECKING:
+    from rectflow.storage import Store
 
 __all__ = ["ManifestError", "PairStream", "read_manifest", "read_shard", "shard_name", "write_shard"]
 
@@ -45,15 +49,27 @@ def _fixed_list(x: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
 
 
-def write_shard(directory: Path, index: int, z0: np.ndarray, z1: np.ndarray) -> dict[str, Any]:
-    """Write ``z0, z1`` ``(rows, *shape)`` as shard ``index`` atomically; return its manifest entry."""
+def write_shard(
+    directory: Path, index: int, z0: np.ndarray, z1: np.ndarray,
+    *, before_publish: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Write ``z0, z1`` ``(rows, *shape)`` as shard ``index`` atomically; return its manifest entry.
+
+    The shard is written under a temporary name and renamed into place. ``before_publish(entry)``
+    runs after the temporary file is complete and hashed but before the rename, so a caller can
+    record the entry in a manifest first: a shard visible under its final name is then always
+    listed (a crash in between leaves a listed entry without its file, which a resume remakes).
+    """
     if z0.shape != z1.shape:
         raise ValueError(f"shard {index}: z0 {z0.shape} and z1 {z1.shape} differ")
     table = pa.table({"z0": _fixed_list(z0), "z1": _fixed_list(z1)})
     path = Path(directory) / shard_name(index)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd", row_group_size=min(len(z0), 65536))
-    return {"name": path.name, "rows": int(len(z0)), "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+        entry = {"name": path.name, "rows": int(len(z0)), "bytes": tmp.stat().st_size, "sha256": file_sha256(tmp)}
+        if before_publish is not None:
+            before_publish(entry)
+    return entry
 
 
 def _decode(data: bytes, shape: tuple[int, ...], where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -75,7 +91,23 @@ def read_manifest(round_dir: Path, require_complete: bool = True) -> dict[str, A
         raise ManifestError(f"{path}: missing; run the couple stage first")
     try:
         man = read_json(path)
-        man["shards"], man["shape"]
+    except (ValueError, OSError):
+        raise ManifestError(f"{path}: not a valid manifest") from None
+    return check_manifest(man, str(path), require_complete)
+
+
+def check_manifest(man: Any, where: str, require_complete: bool = True) -> dict[str, Any]:
+    """``man`` (parsed JSON) if it is a valid manifest (and complete, unless told otherwise); else
+    :class:`ManifestError` naming ``where`` (a file or an object URL)."""
+    path = where
+    try:
+        shards, shape = man["shards"], man["shape"]
+        ok = isinstance(shards, list) and isinstance(shape, list) and all(isinstance(n, int) and n > 0 for n in shape)
+        for e in shards if ok else []:
+            ok = ok and isinstance(e, dict) and isinstance(e.get("name"), str) and "/" not in e["name"] \
+                and isinstance(e.get("sha256"), str) and isinstance(e.get("rows"), int)
+        if not ok:
+            raise ValueError
     except (ValueError, KeyError, TypeError):
         raise ManifestError(f"{path}: not a valid manifest") from None
     if require_complete and not man.get("complete"):
@@ -88,7 +120,15 @@ def read_shard(round_dir: Path, entry: dict[str, Any], shape: tuple[int, ...]) -
     path = Path(round_dir) / entry["name"]
     if not path.is_file():
         raise ManifestError(f"{path}: listed in the manifest but missing")
-    data = path.read_bytes()
+    return decode_shard(path.read_bytes(), entry, shape, str(path))
+
+
+def decode_shard(
+    data: bytes, entry: dict[str, Any], shape: tuple[int, ...], where: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """A shard's bytes (read from a file or an object store), verified against its manifest entry
+    (sha256, then rows) and decoded; ``where`` names it in errors."""
+    path = where
     digest = hashlib.sha256(data).hexdigest()
     if digest != entry["sha256"]:
         raise ManifestError(
@@ -108,9 +148,31 @@ def verify_round(round_dir: Path) -> dict[str, Any]:
         path = Path(round_dir) / entry["name"]
         if not path.is_file():
             raise ManifestError(f"{path}: listed in the manifest but missing")
-        if file_sha256(path) != entry["sha256"]:
-            raise ManifestError(f"{path}: sha256 does not match the manifest; the shard is corrupt")
+        digest = file_sha256(path)
+        if digest != entry["sha256"]:
+            raise ManifestError(
+                f"{path}: sha256 {digest[:12]}… does not match the manifest's {entry['sha256'][:12]}…; "
+                "the shard is corrupt (rerun the couple stage to regenerate it)"
+            )
     return man
+
+
+def _store_manifest(store: Store, prefix: str, require_complete: bool = True) -> dict[str, Any]:
+    """The manifest of the round at key ``prefix`` of ``store``, validated like :func:`read_manifest`."""
+    import json
+
+    from rectflow.storage import ObjectNotFoundError
+
+    key = f"{prefix}/{MANIFEST}"
+    try:
+        data = store.read_bytes(key)
+    except ObjectNotFoundError:
+        raise ManifestError(f"{store.url(key)}: missing; run the couple stage first") from None
+    try:
+        man = json.loads(data)
+    except ValueError:
+        raise ManifestError(f"{store.url(key)}: not a valid manifest") from None
+    return check_manifest(man, store.url(key), require_complete)
 
 
 class PairStream:
@@ -120,19 +182,48 @@ class PairStream:
     consecutive shards are loaded (verified), concatenated and their rows shuffled from
     ``(seed, epoch, cursor)``. Peak memory is ``buffer_shards × shard_size`` pairs, whatever the
     number of pairs. The position ``(epoch, cursor, row)`` is the whole state, so resuming is exact.
+
+    Every shard's sha256 is checked once up front (a streaming hash, no decoding), so a corrupt
+    round is refused before training writes anything, and again as each shard is loaded.
+
+    With ``store`` (a :class:`rectflow.storage.Store`, e.g. S3), ``round_dir`` is the round's key
+    prefix in it (``couplings/round-1``) and shards are read through the store, one object per
+    load, never all at once. Up front the manifest is read and every shard checked to be present
+    (one listing); each shard's sha256 is verified as it is loaded.
+
+    Data parallel (``world`` > 1, one stream per rank): every rank shuffles identically and takes
+    its own ``batch_size`` rows out of each global batch of ``world × batch_size``, so the ranks
+    together see exactly what one process drawing ``world × batch_size`` would.
     """
 
-    def __init__(self, round_dir: Path, seed: int, device: torch.device | str = "cpu", buffer_shards: int = 4) -> None:
-        self.dir = Path(round_dir)
-        self.man = read_manifest(self.dir)
+    def __init__(
+        self, round_dir: Path | str, seed: int, device: torch.device | str = "cpu", buffer_shards: int = 4,
+        *, store: Store | None = None, rank: int = 0, world: int = 1,
+    ) -> None:
+        self.store = store
+        if store is None:
+            self.dir: Path | str = Path(round_dir)
+            self.man = verify_round(self.dir)
+        else:
+            self.dir = str(round_dir).strip("/")
+            self.man = _store_manifest(store, self.dir)
         self.shape = tuple(self.man["shape"])
         self.shards = self.man["shards"]
         if not self.shards:
-            raise ManifestError(f"{self.dir / MANIFEST}: lists no shards")
-        for e in self.shards:
-            p = self.dir / e["name"]
-            if not p.is_file() or p.stat().st_size != e.get("bytes", p.stat().st_size):
-                raise ManifestError(f"{p}: missing or of the wrong size for its manifest")
+            raise ManifestError(f"{self._where(MANIFEST)}: lists no shards")
+        if store is None:
+            for e in self.shards:
+                p = Path(self.dir) / e["name"]
+                if not p.is_file() or p.stat().st_size != e.get("bytes", p.stat().st_size):
+                    raise ManifestError(f"{p}: missing or of the wrong size for its manifest")
+        else:
+            present = set(store.list(f"{self.dir}/"))
+            for e in self.shards:
+                if f"{self.dir}/{e['name']}" not in present:
+                    raise ManifestError(f"{self._where(e['name'])}: listed in the manifest but missing")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} out of range for world size {world}")
+        self.rank, self.world = rank, world
         self.seed, self.device, self.buffer_shards = seed, torch.device(device), max(1, buffer_shards)
         self.epoch, self.cursor, self.row = 0, 0, 0
         self._buf: tuple[Tensor, Tensor] | None = None
@@ -147,13 +238,36 @@ class PairStream:
     def _load(self) -> tuple[Tensor, Tensor]:
         order = self._order()
         picks = order[self.cursor : self.cursor + self.buffer_shards]
-        parts = [read_shard(self.dir, self.shards[i], self.shape) for i in picks]
+        parts = [self._read(self.shards[i]) for i in picks]
         z0 = np.concatenate([p[0] for p in parts])
         z1 = np.concatenate([p[1] for p in parts])
         perm = np.random.default_rng([self.seed, self.epoch, self.cursor]).permutation(len(z0))
         return torch.from_numpy(z0[perm]).to(self.device), torch.from_numpy(z1[perm]).to(self.device)
 
+    def _where(self, name: str) -> str:
+        if self.store is None:
+            return str(Path(self.dir) / name)
+        return self.store.url(f"{self.dir}/{name}")
+
+    def _read(self, entry: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        if self.store is None:
+            return read_shard(Path(self.dir), entry, self.shape)
+        from rectflow.storage import ObjectNotFoundError
+
+        try:
+            data = self.store.read_bytes(f"{self.dir}/{entry['name']}")
+        except ObjectNotFoundError:
+            raise ManifestError(f"{self._where(entry['name'])}: listed in the manifest but missing") from None
+        return decode_shard(data, entry, self.shape, self._where(entry["name"]))
+
     def next_batch(self, batch_size: int) -> tuple[Tensor, Tensor]:
+        if self.world == 1:
+            return self._take(batch_size)
+        x0, x1 = self._take(batch_size * self.world)
+        mine = slice(self.rank * batch_size, (self.rank + 1) * batch_size)
+        return x0[mine], x1[mine]
+
+    def _take(self, batch_size: int) -> tuple[Tensor, Tensor]:
         x0s, x1s, need = [], [], batch_size
         while need > 0:
             if self._buf is None:

@@ -35,13 +35,15 @@ class IndependentPairs:
 
     def __init__(
         self, source: Distribution, target: Distribution, seed: int, device: torch.device | str = "cpu",
-        coupling: str = "independent", hflip: bool = False,
+        coupling: str = "independent", hflip: bool = False, rank: int = 0,
     ) -> None:
         if source.dim != target.dim:
             raise ValueError(f"source dimension {source.shape} differs from target dimension {target.shape}")
         self.source, self.target, self.device = source, target, torch.device(device)
         self.coupling, self.hflip = coupling, hflip
-        self.gen = torch.Generator().manual_seed(seed * 1000 + 5)
+        # Data parallel: each rank its own stream (rank 0's is the single-process one). Under
+        # minibatch_ot each rank pairs its own share of the batch.
+        self.gen = torch.Generator().manual_seed(seed * 1000 + 5 + 7919 * rank)
 
     def next_batch(self, batch_size: int) -> tuple[Tensor, Tensor]:
         x0 = self.source.sample(batch_size, self.gen).reshape(batch_size, *self.target.shape)

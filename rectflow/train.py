@@ -8,8 +8,12 @@ batch-source position, step) is written atomically, so a rerun after a crash res
 bit-identical weights on CPU. No host synchronisation per step: the loss is read every ``log_every``
 steps, and a non-finite loss is located to its exact step from a device-side record.
 
-Under ``torchrun`` (``torch.distributed`` initialised) the model is wrapped in DDP, each rank draws
-its own batches, and only rank 0 writes checkpoints and history.
+Under ``torchrun`` (``torch.distributed`` initialised) the model is wrapped in DDP and
+``batch_size`` stays the *global* batch: each of the N ranks draws ``batch_size / N`` pairs of
+its own (the batch source is told its rank), so a setting means the same optimisation whatever
+the number of processes. The logged loss is the mean over ranks; only rank 0 writes checkpoints
+and history; at the end the ranks compare a hash of their final weights and stop with an error
+if they differ (they never should: DDP averages the gradients and the EMA starts from rank 0's).
 """
 
 from __future__ import annotations
@@ -58,6 +62,19 @@ class TrainResult:
     samples_per_s: float
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
+    world: int = 1
+    rank_weights_sha256: list[str] = field(default_factory=list)  # per rank, equal (checked)
+    checkpoints_written: list[int] = field(default_factory=list)  # per rank: [n, 0, 0, ...]
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """A hash of a model's state (names, dtypes, shapes, raw bytes): equal iff the weights are."""
+    h = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        t = value.detach().cpu().contiguous()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _rank_world() -> tuple[int, int]:
@@ -121,6 +138,12 @@ def train(
     """
     device = torch.device(device)
     rank, world = _rank_world()
+    if cfg.batch_size % world:
+        from rectflow.config import ParamsError
+
+        raise ParamsError(f"batch_size: {cfg.batch_size} (the global batch) is not divisible by the "
+                          f"{world} training processes")
+    local_batch = cfg.batch_size // world
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     params = [p for p in model.parameters()]
@@ -129,36 +152,55 @@ def train(
     step = 0
     history: list[dict[str, float]] = []
     ckpt = checkpoint_dir / "last.pt"
+    loss_acc = torch.zeros((), device=device)
+    n_acc = 0
+    if rank == 0:
+        # A kill during a save leaves its temporary file behind (never the final name): drop it.
+        for stale in checkpoint_dir.glob(f".{ckpt.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
 
-    if ckpt.is_file():
-        state = torch.load(ckpt, map_location=device, weights_only=True)
+    state = _read_checkpoint(ckpt, device, name) if ckpt.is_file() else None
+    if state is not None:
         if state.get("fingerprint") == run_fingerprint and state.get("world") == world:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["opt"])
-            if ema is not None:
-                for e, s in zip(ema, state["ema"]):
-                    e.copy_(s)
-            gen.set_state(state["gen"][rank])
-            torch.set_rng_state(state["torch_rng"][rank])
-            batches.load_state_dict(state["batches"][rank])
-            step, history = int(state["step"]), list(state["history"])
+            try:
+                model.load_state_dict(state["model"])
+                opt.load_state_dict(state["opt"])
+                if ema is not None:
+                    if len(state["ema"]) != len(ema):
+                        raise ValueError("EMA length")
+                    for e, s in zip(ema, state["ema"]):
+                        e.copy_(s)
+                gen.set_state(state["gen"][rank])
+                torch.set_rng_state(state["torch_rng"][rank])
+                batches.load_state_dict(state["batches"][rank])
+                step, history = int(state["step"]), list(state["history"])
+                loss_acc.fill_(float(state.get("loss_acc", 0.0)))
+                n_acc = int(state.get("n_acc", 0))
+            except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+                from rectflow.nets import ModelError
+
+                raise ModelError(f"{ckpt}: checkpoint does not fit this run ({e.__class__.__name__}); "
+                                 "delete it to start over") from None
             print(f"[{name}] resuming from checkpoint at step {step}", file=sys.stderr, flush=True)
         elif rank == 0:
             print(f"[{name}] ignoring a checkpoint of another configuration: {ckpt}", file=sys.stderr)
     resumed_from = step
+    saved_step = step if step else None  # the last good checkpoint (None: none of this run yet)
 
     net = model
+    checkpoints_written = 0
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)  # broadcasts rank 0's weights
+        if ema is not None:
+            for e in ema:
+                dist.broadcast(e, 0)
 
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     tdist = time_dist or cfg.time_dist
     distance = None
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
-    loss_acc = torch.zeros((), device=device)
-    n_acc = 0
     progress = _Progress(name, cfg.steps, step) if rank == 0 else None
     t_start = time.perf_counter()
     t_last, samples_since = t_start, 0
@@ -170,6 +212,10 @@ def train(
         rngs = [torch.get_rng_state()]
         bstates = [batches.state_dict()]
         if world > 1:
+            # The log window in progress is kept as its mean over ranks (what the log will show),
+            # so every rank resumes from the same value.
+            dist.all_reduce(loss_acc)
+            loss_acc.div_(world)
             objs: list[Any] = [None] * world
             dist.all_gather_object(objs, (gens[0], rngs[0], bstates[0]))
             gens, rngs, bstates = [o[0] for o in objs], [o[1] for o in objs], [o[2] for o in objs]
@@ -183,22 +229,30 @@ def train(
                     "model": model.state_dict(), "opt": opt.state_dict(),
                     "ema": ema if ema is not None else [], "gen": gens, "torch_rng": rngs,
                     "batches": bstates, "history": history,
+                    "loss_acc": float(loss_acc), "n_acc": n_acc,  # the log window in progress
                 },
                 tmp,
             )
 
     def check_finite() -> None:
-        bad = int(first_bad)
+        if world > 1:  # the first bad step on any rank, so that every rank stops together
+            any_bad = torch.where(first_bad < 0, torch.full_like(first_bad, cfg.steps + 1), first_bad)
+            dist.all_reduce(any_bad, op=dist.ReduceOp.MIN)
+            bad = int(any_bad) if int(any_bad) <= cfg.steps else -1
+        else:
+            bad = int(first_bad)
         if bad >= 0:
             if progress:
                 progress.close()
+            kept = (f"the last good checkpoint ({ckpt}, step {saved_step}) is left intact"
+                    if saved_step is not None else "no checkpoint had been written yet")
             raise NonFiniteLossError(
-                f"{name}: loss became NaN or infinite at step {bad}; the last good checkpoint "
-                f"({ckpt}) is left intact. Lower the learning rate or check the data."
+                f"{name}: loss became NaN or infinite at step {bad + 1}/{cfg.steps}; nothing was saved "
+                f"from it and {kept}. Lower the learning rate or check the data."
             )
 
     while step < cfg.steps:
-        x0, x1 = batches.next_batch(cfg.batch_size)
+        x0, x1 = batches.next_batch(local_batch)
         if distance is None:
             distance = loss_fn(cfg.loss, math.prod(x0.shape[1:]), cfg.huber_c)
         t = sample_time(tdist, x0.shape[0], gen, device, k=k)
@@ -226,6 +280,9 @@ def train(
             check_finite()
             now = time.perf_counter()
             rate = samples_since * world / max(now - t_last, 1e-9)
+            if world > 1:
+                dist.all_reduce(loss_acc)
+                loss_acc.div_(world)
             last_loss = float(loss_acc) / n_acc
             history.append({"step": step, "loss": last_loss, "lr": lr, "samples_per_s": rate})
             loss_acc.zero_()
@@ -235,6 +292,8 @@ def train(
         if step % cfg.checkpoint_every == 0 and step < cfg.steps:
             check_finite()
             save_checkpoint()
+            saved_step = step
+            checkpoints_written += rank == 0
     check_finite()
     if progress:
         progress.close()
@@ -251,10 +310,36 @@ def train(
                 w.writeheader()
                 w.writerows(history)
     done = cfg.steps - resumed_from
+    mine = (weights_sha256(model), checkpoints_written)
+    gathered: list[Any] = [mine]
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, mine)
+        if len({g[0] for g in gathered}) != 1:
+            raise RuntimeError(f"{name}: the {world} training processes ended with different weights "
+                               f"({', '.join(g[0][:12] for g in gathered)}); nothing is saved from them")
     return TrainResult(
         steps=done, resumed_from=resumed_from, final_loss=last_loss,
-        samples_per_s=done * cfg.batch_size * world / max(seconds, 1e-9), seconds=seconds, history=history,
+        samples_per_s=done * cfg.batch_size / max(seconds, 1e-9), seconds=seconds, history=history,
+        world=world, rank_weights_sha256=[g[0] for g in gathered], checkpoints_written=[g[1] for g in gathered],
     )
+
+
+def _read_checkpoint(ckpt: Path, device: torch.device, name: str) -> dict[str, Any] | None:
+    """The checkpoint's state (tensors and plain containers only: ``weights_only``, never a pickle).
+
+    An unreadable file (it is only ever written atomically, so this means outside damage) is
+    reported and ignored: training starts over and the next save replaces it.
+    """
+    try:
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+    except Exception as e:  # truncated, foreign or tampered file: never unpickled, never fatal
+        print(f"[{name}] ignoring an unreadable checkpoint {ckpt} ({e.__class__.__name__})", file=sys.stderr, flush=True)
+        return None
+    if not isinstance(state, dict):
+        print(f"[{name}] ignoring an unreadable checkpoint {ckpt} (not a state dict)", file=sys.stderr, flush=True)
+        return None
+    return state
 
 
 def clear_checkpoint(checkpoint_dir: Path) -> None:

@@ -63,7 +63,11 @@ def train_and_save(
         "samples_per_s": round(res.samples_per_s, 1),
         "train_seconds": round(res.seconds, 3),
         "params": count_params(model),
+        "world": res.world,
     }
+    if res.world > 1:  # data parallel: every rank's final weights (train() checked they are equal)
+        record["rank_weights_sha256"] = res.rank_weights_sha256
+        record["checkpoints_written"] = res.checkpoints_written
     if rank == 0:
         sha = save_model(
             layout.model(name), model.state_dict(), arch,
@@ -86,3 +90,43 @@ def flows_present(layout: Layout) -> list[str]:
         out.append(f"rf{k}")
         k += 1
     return out
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) under torchrun, (0, 1) otherwise."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def open_pairs(p: Params, layout: Layout, round_k: int, seed: int, dev: torch.device):  # -> PairStream
+    """The pairs of coupling round ``round_k`` as a shuffled stream for this rank.
+
+    From ``data/couplings/round-K`` when the round is complete there (manifest complete, every
+    shard present); otherwise, when storage is S3, from the store's ``couplings/round-K/``
+    (streamed shard by shard, each verified by sha256). Else the local round's error.
+    """
+    import sys
+
+    from rectflow.pairs import ManifestError, PairStream, read_manifest
+
+    rank, world = rank_world()
+    local = layout.round_dir(round_k)
+    try:
+        man = read_manifest(local)
+        missing = [e["name"] for e in man["shards"] if not (local / e["name"]).is_file()]
+        if missing:
+            raise ManifestError(f"{local / missing[0]}: listed in the manifest but missing")
+    except ManifestError:
+        from tasks.couple import remote_round
+
+        remote = remote_round(p, layout, round_k)
+        if remote is None:
+            raise
+        if rank == 0:
+            print(f"[pairs] round {round_k}: no complete local copy in {local}; streaming from {remote.url()}",
+                  file=sys.stderr, flush=True)
+        return PairStream(remote.prefix, seed=seed, device=dev, store=remote.store, rank=rank, world=world)
+    return PairStream(local, seed=seed, device=dev, rank=rank, world=world)

@@ -13,6 +13,7 @@ invalid ones. The finished round is moved to ``data/couplings/round-K/`` in one 
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import sys
 import time
@@ -28,7 +29,7 @@ from rectflow.config import Params
 from rectflow.data import Distribution, load_prepared
 from rectflow.io import atomic_write_json, file_sha256, read_json
 from rectflow.layout import Layout
-from rectflow.pairs import MANIFEST, read_manifest, shard_name, write_shard
+from rectflow.pairs import MANIFEST, shard_name, write_shard
 from rectflow.solvers import solve
 from rectflow.train import fingerprint
 from tasks._common import device, model_sha, teacher
@@ -73,38 +74,81 @@ def generate_shard(
     return z0.numpy(), z1.numpy(), nfe
 
 
-def _entry_valid(staging: Path, entry: dict[str, Any] | None) -> bool:
-    if not entry:
+def _entry_valid(staging: Path, entry: Any) -> bool:
+    """A manifest entry whose file exists and whose sha256 checks out."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not isinstance(entry.get("sha256"), str):
+        return False
+    if not {"rows", "nfe", "cost_sum"} <= set(entry) or "/" in entry["name"]:
         return False
     path = staging / entry["name"]
     return path.is_file() and file_sha256(path) == entry["sha256"]
 
 
+def _read_manifest_or_none(path: Path) -> dict[str, Any] | None:
+    """A manifest as JSON, or None if it is missing or unreadable (then nothing in it is trusted)."""
+    try:
+        man = read_json(path)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(man, dict) or not isinstance(man.get("shards"), list):
+        return None
+    return man
+
+
 def run_round(p: Params, layout: Layout, round_k: int) -> dict:
-    """Make (or finish) coupling round ``round_k`` from ``models/rf{round_k}``."""
+    """Make (or finish) coupling round ``round_k`` from ``models/rf{round_k}``.
+
+    Resumable: every shard is first written under a temporary name, its manifest entry (rows,
+    sha256) is recorded in the staging manifest, and only then is it renamed into place. A rerun
+    verifies each listed shard by sha256, keeps the good ones and makes only the missing or invalid
+    ones; a finished round that was damaged afterwards is repaired the same way.
+    """
+    c = p.couple
+    use_dask = c.workers > 1 or bool(c.dask_address or os.environ.get("RECTFLOW_DASK_ADDRESS"))
+    if use_dask:
+        try:
+            from tasks.couple_dask import generate_on_dask  # optional: needs dask
+        except ImportError as e:
+            from rectflow.config import ParamsError
+
+            raise ParamsError(f"couple.workers: {c.workers} needs the Dask backend, which is not available "
+                              f"({e.__class__.__name__}: {e}); use couple.workers=1") from None
     dev = device()
     name = f"rf{round_k}"
     model, card = teacher(layout, name, dev)
     source = load_prepared(layout.prepared, "source", "train")
     shape = tuple(card["arch"]["shape"])
-    c = p.couple
-    fp = fingerprint(model_sha(layout, name), c.model_dump(mode="json", exclude={"workers"}), p.seed, round_k,
-                     p.data.model_dump(mode="json"))
+    if source.dim != int(np.prod(shape)):
+        from rectflow.data import DataError
+
+        raise DataError(f"{layout.prepared}: source dimension {source.dim} differs from {name}'s {int(np.prod(shape))}; "
+                        "rerun prepare and pretrain")
+    fp = fingerprint(model_sha(layout, name), c.model_dump(mode="json", exclude={"workers", "dask_address"}),
+                     p.seed, round_k, p.data.model_dump(mode="json"))
+    remote = remote_round(p, layout, round_k)  # S3: checked now, before any work
     final, staging = layout.round_dir(round_k), layout.staging(f"couplings/round-{round_k}")
-    if (final / MANIFEST).is_file():
-        done = read_json(final / MANIFEST)
-        if done.get("fingerprint") == fp and done.get("complete"):
-            if all(_entry_valid(final, e) for e in done["shards"]):
-                return _record(done, reused=len(done["shards"]), made_rows=0, seconds=0.0)
-    man: dict[str, Any] = {}
-    if (staging / MANIFEST).is_file():
-        man = read_json(staging / MANIFEST)
+    trash = staging.parent / f".{staging.name}.replaced"
+    shutil.rmtree(trash, ignore_errors=True)  # a crash between the two renames below leaves it
+    done = _read_manifest_or_none(final / MANIFEST) if (final / MANIFEST).is_file() else None
+    if done is not None and done.get("fingerprint") == fp and done.get("complete"):
+        if all(_entry_valid(final, e) for e in done["shards"]):
+            if remote is not None:
+                remote.sync(final, [e["name"] for e in done["shards"]])
+            return _record(done, reused=len(done["shards"]), made_rows=0, seconds=0.0)
+    man = _read_manifest_or_none(staging / MANIFEST) or {}
     if man.get("fingerprint") != fp:
         shutil.rmtree(staging, ignore_errors=True)
         man = {}
+        if done is not None and done.get("fingerprint") == fp:
+            # The finished round of this very configuration was damaged (a shard deleted or
+            # corrupted): take it back into staging and remake only what fails its sha256.
+            print(f"[couple] round {round_k}: {final} fails verification; repairing it", file=sys.stderr, flush=True)
+            staging.parent.mkdir(parents=True, exist_ok=True)
+            final.rename(staging)
+            man = done
     staging.mkdir(parents=True, exist_ok=True)
     rows = shard_rows(c.n_pairs, c.shard_size)
-    previous = {e["name"]: e for e in man.get("shards", [])}
+    previous = {e["name"]: e for e in man.get("shards", []) if isinstance(e, dict) and isinstance(e.get("name"), str)}
     man = {
         "format": 1, "round": round_k, "shape": list(shape), "dim": int(np.prod(shape)),
         "n_pairs": c.n_pairs, "shard_size": c.shard_size, "seed": p.seed,
@@ -114,49 +158,136 @@ def run_round(p: Params, layout: Layout, round_k: int) -> dict:
                    "precision": c.precision},
         "source": p.data.source, "fingerprint": fp, "complete": False, "shards": [None] * len(rows),
     }
-    todo = []
+    todo, bad = [], []
     for i in range(len(rows)):
         old = previous.get(shard_name(i))
-        if _entry_valid(staging, old):
+        if old is not None and old.get("rows") == rows[i] and _entry_valid(staging, old):
             man["shards"][i] = old
         else:
             todo.append(i)
+            if old is not None and (staging / shard_name(i)).is_file():
+                bad.append(shard_name(i))
+    # Anything else in staging (temporary files of a killed write, shards listed nowhere) goes.
+    keep = {MANIFEST} | {e["name"] for e in man["shards"] if e is not None}
+    for f in staging.iterdir():
+        if f.name not in keep:
+            shutil.rmtree(f) if f.is_dir() else f.unlink(missing_ok=True)
     reused = len(rows) - len(todo)
-    if reused:
-        print(f"[couple] round {round_k}: resuming, {reused} finished shard(s) verified and kept", file=sys.stderr)
+    if reused or bad:
+        print(f"[couple] round {round_k}: resuming, {reused} finished shard(s) verified by sha256 and kept, "
+              f"{len(todo)} to make", file=sys.stderr, flush=True)
+    for b in bad:
+        print(f"[couple] round {round_k}: {b} fails its sha256 check; remaking it", file=sys.stderr, flush=True)
+    atomic_write_json(staging / MANIFEST, man)
+    if remote is not None:
+        # The store's copy is marked incomplete first, so its readers refuse it until every shard
+        # and then the complete manifest are uploaded.
+        print(f"[couple] round {round_k}: uploading shards to {remote.url()}", file=sys.stderr, flush=True)
+        remote.put_file(staging / MANIFEST)
     t0 = time.perf_counter()
-    if c.workers > 1 and todo:
-        from tasks.couple_dask import generate_on_dask  # optional: needs dask
 
+    def publish(i: int, entry: dict[str, Any]) -> None:
+        """Record shard i in the staging manifest (before its file gets its final name)."""
+        man["shards"][i] = entry
+        atomic_write_json(staging / MANIFEST, man)
+
+    if use_dask and todo:
+        # Each Dask task writes its shard into staging (and uploads it) and returns its entry.
         for i, entry in generate_on_dask(p, layout, round_k, todo, rows, staging):
-            man["shards"][i] = entry
-            atomic_write_json(staging / MANIFEST, man)
+            publish(i, entry)
     else:
+        # One writer thread: writing shard i overlaps solving shard i + 1, and every manifest
+        # update happens on that thread, in order.
         with ThreadPoolExecutor(max_workers=1) as writer:
             pending: Future | None = None
-            pending_i = -1
             for i in todo:
                 z0, z1, nfe = generate_shard(p, model, source, shape, round_k, i, rows[i], dev)
                 if pending is not None:
-                    man["shards"][pending_i] = pending.result()
-                    atomic_write_json(staging / MANIFEST, man)
-                pending, pending_i = writer.submit(_write, staging, i, z0, z1, nfe), i
+                    pending.result()
+                pending = writer.submit(_write, staging, i, z0, z1, nfe, publish, remote)
                 print(f"[couple] round {round_k}: shard {i + 1}/{len(rows)} solved (NFE {nfe})", file=sys.stderr, flush=True)
             if pending is not None:
-                man["shards"][pending_i] = pending.result()
+                pending.result()
+    if remote is not None:  # shards kept from an interrupted run may never have been uploaded
+        for i in sorted(set(range(len(rows))) - set(todo)):
+            remote.put_file(staging / man["shards"][i]["name"])
     seconds = time.perf_counter() - t0
     man["complete"] = True
     atomic_write_json(staging / MANIFEST, man)
-    shutil.rmtree(final, ignore_errors=True)
+    # Publish the round: the old one (if any) is moved aside in one rename, the new one moved in
+    # with another, then the old one is deleted. data/couplings/round-K is never half-written.
     final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        final.rename(trash)
     staging.rename(final)
+    shutil.rmtree(trash, ignore_errors=True)
+    if remote is not None:  # last: a complete manifest in the store means every shard is there
+        remote.put_file(final / MANIFEST)
     return _record(man, reused=reused, made_rows=sum(rows[i] for i in todo), seconds=seconds)
 
 
-def _write(staging: Path, i: int, z0: np.ndarray, z1: np.ndarray, nfe: int) -> dict[str, Any]:
-    entry = write_shard(staging, i, z0, z1)
+def _write(
+    staging: Path, i: int, z0: np.ndarray, z1: np.ndarray, nfe: int, publish, remote: RemoteRound | None = None,
+) -> dict[str, Any]:
+    """Write shard ``i`` into ``staging`` (``publish(i, entry)`` runs before it takes its final
+    name), then upload it to ``remote`` if given. The same code for one worker and for Dask tasks."""
     d = z1.reshape(len(z1), -1).astype(np.float64) - z0.reshape(len(z0), -1)
-    return entry | {"nfe": int(nfe), "cost_sum": float((d * d).sum())}
+    extra = {"nfe": int(nfe), "cost_sum": float((d * d).sum())}
+    entry = write_shard(staging, i, z0, z1, before_publish=lambda e: publish(i, e | extra)) | extra
+    if remote is not None:
+        remote.put_file(staging / entry["name"])
+    return entry
+
+
+class RemoteRound:
+    """The object-store copy of round K: ``couplings/round-K/`` (shards, then ``manifest.json``).
+
+    Picklable (an :class:`~rectflow.storage.S3Store` pickles by its settings alone), so Dask tasks
+    upload their own shards. Credentials come from the environment of whichever process uploads.
+    """
+
+    def __init__(self, store: Any, round_k: int) -> None:
+        self.store, self.prefix = store, f"couplings/round-{round_k}"
+
+    def url(self) -> str:
+        return str(self.store.url(self.prefix))
+
+    def put_file(self, path: Path) -> None:
+        self.store.put_file(path, f"{self.prefix}/{path.name}")
+
+    def sync(self, round_dir: Path, names: list[str]) -> None:
+        """Make the store's copy equal to the finished local round ``round_dir`` (a round made while
+        storage was local, or whose upload was cut short): nothing to do if the manifests agree."""
+        from rectflow.storage import ObjectNotFoundError
+
+        local = (round_dir / MANIFEST).read_bytes()
+        try:
+            if self.store.read_bytes(f"{self.prefix}/{MANIFEST}") == local:
+                return
+        except ObjectNotFoundError:
+            pass
+        print(f"[couple] {round_dir.name}: uploading to {self.url()}", file=sys.stderr, flush=True)
+        import json
+
+        marker = json.loads(local) | {"complete": False}  # readers refuse the copy until it is whole
+        self.store.write_bytes(f"{self.prefix}/{MANIFEST}", (json.dumps(marker, indent=2) + "\n").encode())
+        for name in names:
+            self.put_file(round_dir / name)
+        self.put_file(round_dir / MANIFEST)
+
+
+def remote_round(p: Params, layout: Layout, round_k: int, check: bool = True) -> RemoteRound | None:
+    """Round ``round_k``'s copy in the object store when ``storage`` is S3 (else None; the local
+    round is the only copy). ``check``: verify access now (credentials, endpoint, bucket)."""
+    from rectflow.storage import S3Store, make_store
+    from rectflow.storage import check as check_store
+
+    store = make_store(p.storage, layout.root)
+    if not isinstance(store, S3Store):
+        return None
+    if check:
+        check_store(store)
+    return RemoteRound(store, round_k)
 
 
 def _record(man: dict[str, Any], reused: int, made_rows: int, seconds: float) -> dict:

@@ -10,8 +10,7 @@ from __future__ import annotations
 from rectflow.config import Params
 from rectflow.layout import Layout
 from rectflow.nets import build_model, load_state, read_model_card
-from rectflow.pairs import PairStream, read_manifest
-from tasks._common import device, model_sha, train_and_save
+from tasks._common import device, model_sha, open_pairs, train_and_save
 
 
 def student_names(k: int) -> list[tuple[str, int]]:
@@ -23,12 +22,12 @@ def run(p: Params, layout: Layout) -> dict:
     last = p.reflow.rounds + 1
     parent = f"rf{last}"
     card = read_model_card(layout.model(parent))
-    man = read_manifest(layout.round_dir(last))
     out = []
     for name, k in student_names(p.distill.k):
         model = build_model(card["arch"])
         model.load_state_dict(load_state(layout.model(parent)))
-        batches = PairStream(layout.round_dir(last), seed=p.seed + 100 + k, device=dev)
+        batches = open_pairs(p, layout, last, seed=p.seed + 100 + k, dev=dev)  # local copy, else S3
+        man = batches.man
         out.append(train_and_save(
             p=p, layout=layout, name=name, model=model, arch=card["arch"], batches=batches, cfg=p.distill,
             seed=p.seed + 100 + k, inputs={parent: model_sha(layout, parent), f"round-{last}": man["fingerprint"]},

@@ -13,7 +13,7 @@ from rectflow.data import load_prepared, prepared_meta
 from rectflow.layout import Layout
 from rectflow.nets import arch_from_params, build_model
 from rectflow.sources import IndependentPairs
-from tasks._common import device, train_and_save
+from tasks._common import device, rank_world, train_and_save
 
 
 def run(p: Params, layout: Layout) -> dict:
@@ -24,7 +24,8 @@ def run(p: Params, layout: Layout) -> dict:
     arch = arch_from_params(p.model, target.shape)
     torch.manual_seed(p.seed)
     model = build_model(arch)
-    batches = IndependentPairs(source, target, p.seed, dev, coupling=p.pretrain.coupling, hflip=p.data.hflip)
+    batches = IndependentPairs(source, target, p.seed, dev, coupling=p.pretrain.coupling, hflip=p.data.hflip,
+                               rank=rank_world()[0])
     inputs = {f"{side}-{split}": meta[side].get("files", {}).get(split, {}).get("sha256", "gaussian")
               for side in ("source", "target") for split in ("train",)}
     return train_and_save(

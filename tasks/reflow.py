@@ -10,8 +10,7 @@ from __future__ import annotations
 from rectflow.config import Params
 from rectflow.layout import Layout
 from rectflow.nets import build_model, load_state
-from rectflow.pairs import PairStream, read_manifest
-from tasks._common import device, model_sha, train_and_save
+from tasks._common import device, model_sha, open_pairs, rank_world, train_and_save
 from tasks.couple import run_round
 
 
@@ -24,8 +23,8 @@ def train_on_pairs(p: Params, layout: Layout, round_k: int) -> dict:
     card = read_model_card(layout.model(parent))
     model = build_model(card["arch"])
     model.load_state_dict(load_state(layout.model(parent)))
-    man = read_manifest(layout.round_dir(round_k))
-    batches = PairStream(layout.round_dir(round_k), seed=p.seed + round_k, device=dev)
+    batches = open_pairs(p, layout, round_k, seed=p.seed + round_k, dev=dev)  # local copy, else S3
+    man = batches.man
     inputs = {parent: model_sha(layout, parent), f"round-{round_k}": man["fingerprint"]}
     return train_and_save(
         p=p, layout=layout, name=f"rf{round_k + 1}", model=model, arch=card["arch"], batches=batches,
@@ -36,8 +35,15 @@ def train_on_pairs(p: Params, layout: Layout, round_k: int) -> dict:
 
 def run(p: Params, layout: Layout) -> dict:
     rounds = []
+    rank, world = rank_world()
     for r in range(1, p.reflow.rounds + 1):
         trained = train_on_pairs(p, layout, r)
-        coupled = run_round(p, layout, r + 1)
+        # Under torchrun, rank 0 alone couples the next round (on Dask if so configured); the
+        # other ranks wait for it, since the next round trains on those pairs.
+        coupled = run_round(p, layout, r + 1) if rank == 0 else {}
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
         rounds.append({"train": trained, "couple": {k: v for k, v in coupled.items() if k != "sha256"}})
     return {"rounds": rounds, "final_model": f"rf{p.reflow.rounds + 1}"}

@@ -1,0 +1,336 @@
+"""Throughput at the limit: ``couple`` against the raw forward rate, training against a bare loop.
+
+1. ``couple``: pairs per second of the couple stage (:func:`rectflow.cli.run_stage` in a temporary
+   workspace: the shard loop, Parquet writing, manifest) against its *limit*, the raw batched forward
+   rate of the same network at the same batch size divided by the NFE per pair
+   (``batch × forwards/s ÷ NFE``), measured in the same process just before and just after
+   (the better of the two is the limit). Euler with 100 steps (NFE exactly 100) in fp32 and bf16
+   autocast, and adaptive RK45 (limit from the measured NFE).
+2. Training: samples per second of :func:`rectflow.train.train` (batch source, p(t), AdamW, warm-up,
+   clipping, EMA, loss bookkeeping) against a bare loop of forward + MSE + backward + AdamW step on
+   one fixed batch, same network, batch, optimizer and precision, same process, interleaved
+   (best of ``repeats`` each).
+
+Run: ``python -m benchmarks.throughput [--quick]``. Only meaningful on a quiet machine: the load
+average is recorded before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from benchmarks import common
+
+NAME = "throughput"
+
+
+@dataclass
+class ThroughputConfig:
+    target: str = "moons"
+    pretrain_steps: int = 300  # a trained-ish field, so that RK45's NFE is realistic
+    n_pairs: int = 50_000
+    couple_batch: int = 10_000
+    euler_steps: int = 100
+    rk45: bool = True
+    bf16: bool = True
+    train_steps: int = 300
+    repeats: int = 3
+    train_settings: tuple[tuple[int, int, int], ...] = ((256, 3, 1024), (64, 3, 512))  # hidden, depth, batch
+    max_load: float = 0.5
+    wait_s: float = 0.0
+
+
+QUICK = ThroughputConfig(pretrain_steps=50, n_pairs=4000, couple_batch=2000, euler_steps=20, rk45=True, bf16=False,
+                         train_steps=40, repeats=1, train_settings=((64, 3, 256),))
+
+
+# ---- couple --------------------------------------------------------------------------------------
+
+
+def forward_rate(model, shape: tuple[int, ...], batch: int, precision: str, warmup_s: float = 1.5,
+                 window_s: float = 0.6, windows: int = 5) -> float:
+    """Samples per second of ``model(z, t)`` at ``batch`` under inference_mode (and bf16 autocast).
+
+    The rate only settles after many calls (allocator, clocks: the first ~50 forwards at batch 10⁴
+    run ~20% slower here), so: ``warmup_s`` of calls first, then the best of ``windows`` windows of
+    ``window_s``. Each output is kept until the next call replaces it, as in a solver loop.
+    """
+    import torch
+
+    dev = next(model.parameters()).device
+    z = torch.randn(batch, *shape, device=dev)
+    t = torch.rand(batch, device=dev)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    best = 0.0
+    with torch.inference_mode(), autocast:
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < warmup_s:
+            out = model(z, t)
+        _sync(dev)
+        for _ in range(windows):
+            n, t0 = 0, time.perf_counter()
+            while True:
+                out = model(z, t)
+                n += 1
+                if n % 5 == 0:
+                    _sync(dev)
+                    el = time.perf_counter() - t0
+                    if el >= window_s:
+                        break
+            best = max(best, n * batch / el)
+    del out
+    return best
+
+
+def _sync(dev) -> None:
+    import torch
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def couple_case(root: Path, base: list[str], solver: str, precision: str, cfg: ThroughputConfig, model, shape) -> dict[str, Any]:
+    ov = base + [f"couple.solver={solver}", f"couple.steps={cfg.euler_steps}", f"couple.precision={precision}"]
+    shutil.rmtree(root / "data" / "couplings", ignore_errors=True)
+    lim_before = forward_rate(model, shape, cfg.couple_batch, precision)
+    rec, wall = common.timed(common.run_stage, "couple", root, ov)
+    lim_after = forward_rate(model, shape, cfg.couple_batch, precision)
+    fwd = max(lim_before, lim_after)
+    n_pairs = int(rec["n_pairs"])
+    n_batches = sum(-(-rows // cfg.couple_batch) for rows in _shard_rows(n_pairs, cfg.couple_batch))
+    nfe_per_batch = rec["nfe_total"] / max(1, n_batches)
+    limit = fwd / nfe_per_batch
+    solve_rate = rec.get("pairs_per_s") or n_pairs / max(rec.get("seconds") or wall, 1e-9)
+    stage_rate = n_pairs / float(rec["wall_seconds"])
+    return {
+        "solver": solver, "precision": precision, "n_pairs": n_pairs, "batch": cfg.couple_batch,
+        "nfe_per_pair": nfe_per_batch, "forward_samples_per_s": fwd,
+        "forward_before_after": [lim_before, lim_after], "limit_pairs_per_s": limit,
+        "couple_pairs_per_s": solve_rate, "couple_fraction_of_limit": solve_rate / limit,
+        "stage_pairs_per_s": stage_rate, "stage_fraction_of_limit": stage_rate / limit,
+        "stage_wall_seconds": float(rec["wall_seconds"]),
+    }
+
+
+def _shard_rows(n: int, shard: int) -> list[int]:
+    full, rest = divmod(n, shard)
+    return [shard] * full + ([rest] if rest else [])
+
+
+def couple_benchmark(cfg: ThroughputConfig) -> list[dict[str, Any]]:
+    from rectflow.nets import load_model
+    from rectflow.layout import Layout
+
+    root = Path(tempfile.mkdtemp(prefix="rectflow-throughput-"))
+    try:
+        base = [
+            f"data.target={cfg.target}", f"pretrain.steps={cfg.pretrain_steps}",
+            f"couple.n_pairs={cfg.n_pairs}", f"couple.shard_size={cfg.couple_batch}",
+            f"couple.batch_size={cfg.couple_batch}",
+        ]
+        common.run_stage("prepare", root, base)
+        common.run_stage("pretrain", root, base)
+        from rectflow.device import pick_device
+
+        model, card = load_model(Layout(root).model("rf1"), pick_device())
+        shape = tuple(card["arch"]["shape"])
+        cases = [("euler", "fp32")] + ([("euler", "bf16")] if cfg.bf16 else []) + ([("rk45", "fp32")] if cfg.rk45 else [])
+        out = []
+        for solver, precision in cases:
+            r = couple_case(root, base, solver, precision, cfg, model, shape)
+            r["arch"] = card["arch"]
+            out.append(r)
+            print(f"[throughput] couple {solver}/{precision}: {r['couple_pairs_per_s']:,.0f} pairs/s, limit "
+                  f"{r['limit_pairs_per_s']:,.0f} ({100 * r['couple_fraction_of_limit']:.1f}%)", file=sys.stderr, flush=True)
+        return out
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# ---- training ------------------------------------------------------------------------------------
+
+
+def bare_loop(hidden: int, depth: int, batch: int, steps: int, precision: str, lr: float, device) -> float:
+    """Samples/s of forward + MSE + backward + AdamW step on one fixed batch (no data, no EMA, no clip)."""
+    import torch
+
+    from rectflow.nets import MLPVelocity
+
+    torch.manual_seed(0)
+    model = MLPVelocity((2,), hidden, depth, 64).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, foreach=True)
+    x0 = torch.randn(batch, 2, device=device)
+    x1 = torch.randn(batch, 2, device=device) + 2
+    t = torch.rand(batch, device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def step() -> None:
+        xt = x0 + t[:, None] * (x1 - x0)
+        with autocast:
+            pred = model(xt, t)
+        loss = (pred.float() - (x1 - x0)).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(max(10, steps // 3)):  # as long a warm-up as train() gets from its own first steps
+        step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return steps * batch / (time.perf_counter() - t0)
+
+
+def pipeline_loop(hidden: int, depth: int, batch: int, steps: int, precision: str, device, workdir: Path) -> tuple[float, Any]:
+    """Samples/s of :func:`rectflow.train.train` exactly as the pretrain stage runs it."""
+    import torch
+
+    from rectflow.config import load_params
+    from rectflow.data import Distribution, generate_2d
+    from rectflow.nets import MLPVelocity
+    from rectflow.sources import IndependentPairs
+    from rectflow.train import train
+
+    p = load_params(common.PARAMS, [
+        f"pretrain.steps={steps}", f"pretrain.batch_size={batch}", f"pretrain.precision={precision}",
+        f"pretrain.checkpoint_every={steps + 1}", "pretrain.warmup=10",
+    ])
+    target = Distribution((2,), torch.from_numpy(generate_2d("moons", 50_000, 0)))
+    source = Distribution((2,))
+    torch.manual_seed(0)
+    model = MLPVelocity((2,), hidden, depth, 64)
+    batches = IndependentPairs(source, target, 0, device)
+    shutil.rmtree(workdir, ignore_errors=True)
+    # warm-up: allocator and kernels, as the bare loop's first steps
+    train(MLPVelocity((2,), hidden, depth, 64), IndependentPairs(source, target, 1, device),
+          p.pretrain.model_copy(update={"steps": max(10, steps // 3)}), name="warmup", seed=1, checkpoint_dir=workdir / "w", device=device)
+    res = train(model, batches, p.pretrain, name="bench", seed=0, checkpoint_dir=workdir / "c", device=device)
+    return res.samples_per_s, p.pretrain
+
+
+def training_benchmark(cfg: ThroughputConfig) -> list[dict[str, Any]]:
+    from rectflow.device import pick_device
+
+    dev = pick_device()
+    work = Path(tempfile.mkdtemp(prefix="rectflow-train-bench-"))
+    out = []
+    try:
+        precisions = ["fp32"] + (["bf16"] if cfg.bf16 else [])
+        for hidden, depth, batch in cfg.train_settings:
+            for precision in precisions:
+                bare, piped = [], []
+                lr = 1e-3
+                for _ in range(cfg.repeats):  # interleaved, best of each
+                    bare.append(bare_loop(hidden, depth, batch, cfg.train_steps, precision, lr, dev))
+                    rate, _ = pipeline_loop(hidden, depth, batch, cfg.train_steps, precision, dev, work)
+                    piped.append(rate)
+                r = {
+                    "hidden": hidden, "depth": depth, "batch": batch, "precision": precision, "steps": cfg.train_steps,
+                    "bare_samples_per_s": max(bare), "train_samples_per_s": max(piped),
+                    "fraction_of_bare": max(piped) / max(bare), "bare_all": bare, "train_all": piped,
+                }
+                out.append(r)
+                print(f"[throughput] train {depth}×{hidden} b{batch} {precision}: {r['train_samples_per_s']:,.0f} vs bare "
+                      f"{r['bare_samples_per_s']:,.0f} samples/s ({100 * r['fraction_of_bare']:.1f}%)", file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+# ---- report --------------------------------------------------------------------------------------
+
+
+def markdown(data: dict[str, Any]) -> str:
+    env, cfg = data["environment"], data["config"]
+    tag = data.get("title") or data.get("tag")
+    lines = [
+        f"## 2. Throughput{f' ({tag})' if tag else ''}", "",
+        f"Reproduce: `{data['command']}`", "",
+        common.env_lines(env) + f" Load after: {common.load_line(data['environment_after']['loadavg'])}.", "",
+        f"**couple** ({cfg['n_pairs']} pairs of a 1-RF on {cfg['target']} trained {cfg['pretrain_steps']} steps, "
+        f"batch {cfg['couple_batch']}). Limit = forward samples/s of the same network at the same batch in the same "
+        "process ÷ NFE per pair. `couple` = the stage's own pairs/s (solve + Parquet shards + manifest); "
+        "`stage` = pairs ÷ the whole stage's wall time (model loading, source sampling, final rename too).", "",
+    ]
+    rows = []
+    for r in data["couple"]:
+        rows.append([
+            f"{r['solver']} {r['precision']}", f"{r['nfe_per_pair']:.0f}", f"{r['forward_samples_per_s']:,.0f}",
+            f"{r['limit_pairs_per_s']:,.0f}", f"{r['couple_pairs_per_s']:,.0f}",
+            f"{100 * r['couple_fraction_of_limit']:.1f}%", f"{100 * r['stage_fraction_of_limit']:.1f}%",
+        ])
+    lines += [common.md_table(["solver", "NFE/pair", "forward samples/s", "limit pairs/s", "couple pairs/s",
+                               "couple / limit (≥ 90%)", "stage / limit"], rows), ""]
+    lines += [
+        f"**Training** ({cfg['train_steps']} steps, best of {cfg['repeats']} interleaved runs). Bare loop: forward + "
+        "MSE + backward + AdamW step on one fixed batch. rectflow: `rectflow.train.train` as the pretrain stage "
+        "runs it (fresh Gaussian × moons pairs every step, p(t), warm-up, grad clipping, EMA, loss bookkeeping).", "",
+    ]
+    rows = []
+    for r in data["training"]:
+        rows.append([
+            f"{r['depth']}×{r['hidden']}", r["batch"], r["precision"], f"{r['bare_samples_per_s']:,.0f}",
+            f"{r['train_samples_per_s']:,.0f}", f"{100 * r['fraction_of_bare']:.1f}%",
+        ])
+    lines += [common.md_table(["MLP", "batch", "precision", "bare samples/s", "rectflow samples/s", "rectflow / bare (≥ 90%)"], rows)]
+    if data.get("notes"):
+        lines += [""] + [f"Note: {n}" for n in data["notes"]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--wait-for-quiet", type=float, default=0.0, metavar="SECONDS",
+                    help="wait up to SECONDS for the 1-minute load to drop below --max-load first")
+    ap.add_argument("--max-load", type=float, default=0.5)
+    ap.add_argument("--require-quiet", action="store_true",
+                    help="measure nothing (exit 3) if the load is still at or above --max-load after waiting")
+    ap.add_argument("--skip-couple", action="store_true")
+    ap.add_argument("--skip-training", action="store_true")
+    ap.add_argument("--tag", default=None, help="a variant's name (e.g. gpu): results throughput-TAG.json, its own section")
+    ap.add_argument("--report-only", type=Path, default=None, metavar="JSON", help="no run: re-render a saved result")
+    args = ap.parse_args(argv)
+    if args.report_only:
+        data = json.loads(args.report_only.read_text())
+        name = NAME + (f"-{data['tag']}" if data.get("tag") else "")
+        common.write_result(name, data)
+        common.write_section(name, markdown(data))
+        print(markdown(data))
+        return data
+    cfg = replace(QUICK if args.quick else ThroughputConfig(), max_load=args.max_load, wait_s=args.wait_for_quiet)
+    common.set_threads()
+    if cfg.wait_s > 0 or args.require_quiet:
+        load = common.wait_for_quiet(cfg.max_load, cfg.wait_s)
+        if args.require_quiet and load and load[0] >= cfg.max_load:
+            print(f"[throughput] load {load[0]:.2f} ≥ {cfg.max_load}: not measuring", file=sys.stderr)
+            raise SystemExit(3)
+    env = common.environment()
+    couple = [] if args.skip_couple else couple_benchmark(cfg)
+    training = [] if args.skip_training else training_benchmark(cfg)
+    command = ("python -m benchmarks.throughput " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    data = {"benchmark": NAME, "command": command, "config": asdict(cfg), "environment": env,
+            "environment_after": {"loadavg": common.loadavg()}, "couple": couple, "training": training,
+            "tag": args.tag}
+    md = markdown(data)
+    name = NAME + (f"-{args.tag}" if args.tag else "")
+    path = common.write_result(name, data, quick=args.quick)
+    if not args.quick:
+        common.write_section(name, md)
+    print(md)
+    print(f"\nresults: {path}", file=sys.stderr)
+    return data
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""The quality benchmark's core (one task, one seed, every method) on a tiny setting: it runs and
+its numbers are sane. The real figures come from ``make bench`` (BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import common  # noqa: E402
+from benchmarks.quality_2d import METHODS, QualityConfig, aggregate, markdown, run_task  # noqa: E402
+
+TINY = QualityConfig(
+    tasks=("gaussian:moons",), seeds=(0,), steps=150, batch=128, hidden=32, depth=2,
+    n_train=3000, n_test=400, n_pairs=600, couple_solver="euler", couple_steps=20, n_eval=300,
+    nfes=(1, 100), rk45=False, bellman_ks=(2,), bellman_samples=300,
+)
+
+
+def _have_peers() -> bool:
+    try:
+        import flow_matching  # noqa: F401
+        import torchcfm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.timeout(120)
+def test_quality_core_runs_and_is_sane(tmp_path):
+    import dataclasses
+
+    cfg = TINY if _have_peers() else dataclasses.replace(TINY, peers=())
+    common.set_threads(1)
+    r = run_task("gaussian:moons", 0, cfg, tmp_path)
+    w2 = {(row["method"], row["nfe"]): row["w2"] for row in r["rows"]}
+    assert all(math.isfinite(v) and v > 0 for v in w2.values())
+    # a 1-RF needs many steps: 100 Euler steps beat one on the curved Gaussian → moons flow
+    assert w2[("1-RF", "100")] < w2[("1-RF", "1")]
+    # reflow straightens: one step of 2-RF beats one step of 1-RF; the student lands near its teacher
+    assert w2[("2-RF", "1")] < w2[("1-RF", "1")]
+    assert w2[("2-RF + distill", "1")] < w2[("1-RF", "1")]
+    assert ("2-RF + Bellman", "2") in w2 and ("1-RF + Bellman", "2") in w2
+    assert r["floor_w2"] > 0 and r["floor_w2"] < w2[("1-RF", "1")]
+    sched = r["schedules"]["rf2"]["2"]
+    assert sched[0] == 0.0 and sched[-1] == 1.0 and sched[0] < sched[1] < sched[2]
+    assert r["seconds"]["rectflow_chain"] > 0
+    if cfg.peers:
+        assert ("OT-CFM (torchcfm)", "1") in w2 and ("FM (flow_matching)", "100") in w2
+        assert w2[("I-CFM (torchcfm)", "100")] < w2[("I-CFM (torchcfm)", "1")]
+    # the report is built from these results without error
+    raw = {"results": [r], "wall_seconds": 1.0, "jobs": 1, "threads_per_job": 2}
+    agg = aggregate(raw)
+    acc = agg["tasks"]["gaussian:moons"]["acceptance"]
+    assert acc["ratio"] > 0
+    md = markdown(agg, cfg, raw, common.environment(), "python -m benchmarks.quality_2d")
+    assert "N→moons" in md and all(m in METHODS for m in agg["tasks"]["gaussian:moons"]["w2"])
+
+
+def test_bench_section_replacement(tmp_path, monkeypatch):
+    md = tmp_path / "BENCHMARKS.md"
+    monkeypatch.setattr(common, "BENCHMARKS_MD", md)
+    common.write_section("a", "first A")
+    common.write_section("b", "first B")
+    common.write_section("a", "second A")
+    text = md.read_text()
+    assert "second A" in text and "first A" not in text and "first B" in text
+    assert text.index("bench:a") < text.index("bench:b")
