@@ -36,6 +36,8 @@ test: install
 
 ## Benchmarks, run by hand; results go to benchmarks/results/ and BENCHMARKS.md.
 bench: install
+	$(PY) -m pip install -q --no-deps torchcfm==1.0.7 flow_matching==1.0.10 torchdiffeq==0.2.5
+	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	$(PY) -m benchmarks.run_all
 
 ## Remove generated pipeline outputs (not the venv, not the DVC cache).

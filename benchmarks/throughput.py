@@ -100,6 +100,7 @@ def _sync(dev) -> None:
 def couple_case(root: Path, base: list[str], solver: str, precision: str, cfg: ThroughputConfig, model, shape) -> dict[str, Any]:
     ov = base + [f"couple.solver={solver}", f"couple.steps={cfg.euler_steps}", f"couple.precision={precision}"]
     shutil.rmtree(root / "data" / "couplings", ignore_errors=True)
+    load_before = common.loadavg()
     lim_before = forward_rate(model, shape, cfg.couple_batch, precision)
     rec, wall = common.timed(common.run_stage, "couple", root, ov)
     lim_after = forward_rate(model, shape, cfg.couple_batch, precision)
@@ -117,6 +118,7 @@ def couple_case(root: Path, base: list[str], solver: str, precision: str, cfg: T
         "couple_pairs_per_s": solve_rate, "couple_fraction_of_limit": solve_rate / limit,
         "stage_pairs_per_s": stage_rate, "stage_fraction_of_limit": stage_rate / limit,
         "stage_wall_seconds": float(rec["wall_seconds"]),
+        "load_before": load_before, "load_after": common.loadavg(),
     }
 
 
@@ -230,6 +232,7 @@ def training_benchmark(cfg: ThroughputConfig) -> list[dict[str, Any]]:
             for precision in precisions:
                 bare, piped = [], []
                 lr = 1e-3
+                load_before = common.loadavg()
                 for _ in range(cfg.repeats):  # interleaved, best of each
                     bare.append(bare_loop(hidden, depth, batch, cfg.train_steps, precision, lr, dev))
                     rate, _ = pipeline_loop(hidden, depth, batch, cfg.train_steps, precision, dev, work)
@@ -238,6 +241,7 @@ def training_benchmark(cfg: ThroughputConfig) -> list[dict[str, Any]]:
                     "hidden": hidden, "depth": depth, "batch": batch, "precision": precision, "steps": cfg.train_steps,
                     "bare_samples_per_s": max(bare), "train_samples_per_s": max(piped),
                     "fraction_of_bare": max(piped) / max(bare), "bare_all": bare, "train_all": piped,
+                    "load_before": load_before, "load_after": common.loadavg(),
                 }
                 out.append(r)
                 print(f"[throughput] train {depth}×{hidden} b{batch} {precision}: {r['train_samples_per_s']:,.0f} vs bare "
@@ -248,6 +252,11 @@ def training_benchmark(cfg: ThroughputConfig) -> list[dict[str, Any]]:
 
 
 # ---- report --------------------------------------------------------------------------------------
+
+
+def _loads(r: dict[str, Any]) -> str:
+    b, a = r.get("load_before") or [], r.get("load_after") or []
+    return f"{b[0]:.2f} → {a[0]:.2f}" if b and a else "–"
 
 
 def markdown(data: dict[str, Any]) -> str:
@@ -267,10 +276,10 @@ def markdown(data: dict[str, Any]) -> str:
         rows.append([
             f"{r['solver']} {r['precision']}", f"{r['nfe_per_pair']:.0f}", f"{r['forward_samples_per_s']:,.0f}",
             f"{r['limit_pairs_per_s']:,.0f}", f"{r['couple_pairs_per_s']:,.0f}",
-            f"{100 * r['couple_fraction_of_limit']:.1f}%", f"{100 * r['stage_fraction_of_limit']:.1f}%",
+            f"{100 * r['couple_fraction_of_limit']:.1f}%", f"{100 * r['stage_fraction_of_limit']:.1f}%", _loads(r),
         ])
     lines += [common.md_table(["solver", "NFE/pair", "forward samples/s", "limit pairs/s", "couple pairs/s",
-                               "couple / limit (≥ 90%)", "stage / limit"], rows), ""]
+                               "couple / limit (≥ 90%)", "stage / limit", "1-min load before → after"], rows), ""]
     lines += [
         f"**Training** ({cfg['train_steps']} steps, best of {cfg['repeats']} interleaved runs). Bare loop: forward + "
         "MSE + backward + AdamW step on one fixed batch. rectflow: `rectflow.train.train` as the pretrain stage "
@@ -280,9 +289,10 @@ def markdown(data: dict[str, Any]) -> str:
     for r in data["training"]:
         rows.append([
             f"{r['depth']}×{r['hidden']}", r["batch"], r["precision"], f"{r['bare_samples_per_s']:,.0f}",
-            f"{r['train_samples_per_s']:,.0f}", f"{100 * r['fraction_of_bare']:.1f}%",
+            f"{r['train_samples_per_s']:,.0f}", f"{100 * r['fraction_of_bare']:.1f}%", _loads(r),
         ])
-    lines += [common.md_table(["MLP", "batch", "precision", "bare samples/s", "rectflow samples/s", "rectflow / bare (≥ 90%)"], rows)]
+    lines += [common.md_table(["MLP", "batch", "precision", "bare samples/s", "rectflow samples/s", "rectflow / bare (≥ 90%)",
+                               "1-min load before → after"], rows)]
     if data.get("notes"):
         lines += [""] + [f"Note: {n}" for n in data["notes"]]
     return "\n".join(lines)

@@ -32,3 +32,14 @@ def tiny_overrides() -> list[str]:
 @pytest.fixture
 def root() -> Path:
     return ROOT
+
+
+@pytest.fixture(autouse=True)
+def _restore_tracking_env():
+    """mlflow.set_tracking_uri() writes MLFLOW_TRACKING_URI into os.environ: undo it after each test."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before

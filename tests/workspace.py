@@ -44,7 +44,11 @@ def clone_workspace(dest: Path, overrides: list[str] | None = None) -> Path:
 def env(**extra: str) -> dict[str, str]:
     e = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "MLFLOW_DISABLE_TELEMETRY": "true",
          "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1"}
-    e.pop("RECTFLOW_LOCK_HELD", None)
+    # hermetic children: nothing a previous test (or mlflow.set_tracking_uri, which writes
+    # MLFLOW_TRACKING_URI into os.environ) left behind may redirect their tracking or storage
+    for key in list(e):
+        if key == "RECTFLOW_LOCK_HELD" or key.startswith(("MLFLOW_TRACKING", "MLFLOW_S3", "RECTFLOW_S3_")):
+            e.pop(key)
     return e | extra
 
 
