@@ -259,6 +259,8 @@ def markdown(data: dict[str, Any]) -> str:
             out += [f"From {a['n_pairs']:,} to {b['n_pairs']:,} pairs ({b['n_pairs'] / a['n_pairs']:.0f}×, "
                     f"{b['pairs_on_disk_mib'] - a['pairs_on_disk_mib']:.0f} MiB more on disk) the peak changes by "
                     f"{b['max_rss_mib'] - a['max_rss_mib']:+.1f} MiB.", ""]
+    for note in data.get("notes", []):  # added by hand to a saved result (then --report-only)
+        out += [f"Note: {note}", ""]
     return "\n".join(out)
 
 
