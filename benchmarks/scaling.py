@@ -29,7 +29,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +101,7 @@ _TIMINGS = re.compile(r"Dask timings \(s\): (.*)")
 
 def couple_benchmark(cfg: ScalingConfig, root: Path, base_ws: Path, base: list[str]) -> list[dict[str, Any]]:
     rows = []
-    solvers = [("euler", [f"couple.solver=euler", f"couple.steps={cfg.euler_steps}"])]
+    solvers = [("euler", ["couple.solver=euler", f"couple.steps={cfg.euler_steps}"])]
     if cfg.rk45:
         solvers.append(("rk45", ["couple.solver=rk45"]))
     env = _env(root)

@@ -238,6 +238,11 @@ def generate_on_dask(
             kind, value = run.out.get()
             if kind == "error":
                 thread.join(timeout=60)
+                if address and done == 0 and isinstance(value, OSError) and "connect" in str(value).lower():
+                    from rectflow.config import ParamsError  # a bad address: one line, exit status 2
+
+                    raise ParamsError(f"couple.dask_address (or {ENV_ADDRESS}): cannot reach the Dask "
+                                      f"scheduler at {address} ({value})") from None
                 raise value
             if kind == "done":
                 break
