@@ -202,3 +202,13 @@ def env_lines(env: dict[str, Any]) -> str:
         f"torch {env['torch']}, {env['torch_threads']} thread(s), device `{env['device']}`; "
         f"{load_line(env.get('loadavg') or [])}."
     )
+
+
+def publish(name: str, data: dict[str, Any], md: str, quick: bool, section: bool = True) -> Path:
+    """Write ``results/NAME.json``, replace NAME's section of BENCHMARKS.md (not for --quick), print."""
+    path = write_result(name, data, quick=quick)
+    if section and not quick:
+        write_section(name, md)
+    print(md)
+    print(f"\nresults: {path}", file=sys.stderr)
+    return path

@@ -171,11 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = {"benchmark": NAME, "command": command, "sets": sets, "environment": env,
             "environment_after": {"loadavg": common.loadavg()}, "result": result}
     md = markdown(data)
-    path = common.write_result(NAME, data, quick=args.quick)
-    if not args.quick and "error" not in result:
-        common.write_section(NAME, md)
-    print(md)
-    print(f"\nresults: {path}", file=sys.stderr)
+    common.publish(NAME, data, md, args.quick, section="error" not in result)
     return data
 
 

@@ -560,11 +560,7 @@ def report_from(path: Path, quick: bool = False) -> dict[str, Any]:
     cfg = QualityConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data["config"].items()})
     data["summary"] = aggregate(data["raw"])
     md = markdown(data["summary"], cfg, data["raw"], data["environment"], data["command"], data.get("notes"))
-    out = common.write_result(NAME, data, quick=quick)
-    if not quick:
-        common.write_section(NAME, md)
-    print(md)
-    print(f"\nresults: {out}", file=sys.stderr)
+    common.publish(NAME, data, md, quick)
     return data
 
 

@@ -289,11 +289,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = {"benchmark": NAME, "command": command, "config": asdict(cfg), "environment": env,
             "environment_after": {"loadavg": common.loadavg()}, "couple": couple, "memory": memory}
     md = markdown(data)
-    path = common.write_result(NAME, data, quick=args.quick)
-    if not args.quick:
-        common.write_section(NAME, md)
-    print(md)
-    print(f"\nresults: {path}", file=sys.stderr)
+    common.publish(NAME, data, md, args.quick)
     return data
 
 
