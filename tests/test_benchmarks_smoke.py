@@ -70,3 +70,46 @@ def test_bench_section_replacement(tmp_path, monkeypatch):
     text = md.read_text()
     assert "second A" in text and "first A" not in text and "first B" in text
     assert text.index("bench:a") < text.index("bench:b")
+
+
+@pytest.mark.timeout(300)
+def test_ablation_digits_quick(tmp_path, monkeypatch):
+    """The digits reflow ablation, smoke-sized: 2 time distributions × 2 losses × 2 seeds, FD at
+    NFE 1 and 2 from a shared workspace whose own rf2 is never written; results go to the quick JSON."""
+    import json
+
+    from benchmarks import ablation_digits
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(common, "BENCHMARKS_MD", tmp_path / "BENCHMARKS.md")
+    monkeypatch.setenv("RECTFLOW_THREADS", "1")
+    work = tmp_path / "work"
+    data = ablation_digits.main(["--quick", "--work-dir", str(work)])
+    res = data["result"]
+    cells = res["cells"]
+    assert len(cells) == 8
+    assert {(c["time_dist"], c["loss"]) for c in cells} == {
+        (td, loss) for td in ("uniform", "u_shaped") for loss in ("l2", "pseudo_huber")}
+    assert sorted(c["seed"] for c in cells) == [0, 0, 0, 0, 1, 1, 1, 1]
+    for c in cells:
+        assert c["reflow"]["time_dist"] == c["time_dist"] and c["reflow"]["loss"] == c["loss"]
+        assert c["reflow"]["steps"] == 20 and c["train"]["train_seconds"] > 0
+        assert sorted(r["nfe"] for r in c["rows"]) == [1, 2]
+        assert all(math.isfinite(r["fd"]) and r["fd"] >= 0 and math.isfinite(r["w2"]) for r in c["rows"])
+        assert (work / "cells" / f"{c['time_dist']}-{c['loss']}-s{c['seed']}" / "models" / "rf2.safetensors").is_file()
+    # each cell trained its own rf2; the seeds differ; the shared workspace's rf2 was never written
+    assert len({c["train"]["sha256"] for c in cells}) == 8
+    assert not (work / "base" / "models" / "rf2.json").exists()
+    assert len(res["fd_net_sha256"]) == 64
+    assert [r["nfe"] for r in res["reference"]["rf1"]] == [1, 2, 100]
+    assert math.isfinite(res["reference"]["floor"]["fd"]) and res["reference"]["floor"]["fd"] >= 0
+    summ = data["summary"]
+    assert set(summ) == {"uniform/l2", "uniform/pseudo_huber", "u_shaped/l2", "u_shaped/pseudo_huber"}
+    for a in summ.values():
+        assert set(a["fd"]) == {"1", "2"} and all(len(v) == 2 for v in a["fd"].values())
+    # quick: NAME.quick.json only, BENCHMARKS.md untouched
+    saved = json.loads((tmp_path / "results" / "ablation_digits.quick.json").read_text())
+    assert len(saved["result"]["cells"]) == 8
+    assert not (tmp_path / "results" / "ablation_digits.json").exists()
+    assert not (tmp_path / "BENCHMARKS.md").exists()
+    assert "| uniform | l2 |" in ablation_digits.markdown(data)
