@@ -12,9 +12,12 @@ Tasks pass small records (stage name, whether it ran, MLflow run id, a few figur
 """
 
 
+import contextlib
 import json
 import os
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,18 +79,100 @@ def record_overrides(path: Path, p: Params) -> list[str]:
 
 
 def dvc_repro(root: Path, stage: str) -> bool:
-    """``dvc repro --single-item STAGE``; True if DVC ran the stage, False if it was up to date."""
+    """``dvc repro --single-item STAGE``; True if DVC ran the stage, False if it was up to date.
+
+    DVC decides whether the stage runs, restores it from its run cache where it can, removes the
+    stale outputs, and afterwards hashes, caches and locks the outputs, exactly as ``dvc repro``.
+    Only the command itself is run differently: ``rectflow stage NAME`` runs in this process
+    (:func:`stages_in_process`), which already has torch and the package imported.
+    """
+    from dvc.exceptions import ReproductionError
     from dvc.repo import Repo
 
-    with Repo(str(root)) as repo:
-        ran = repo.reproduce(stage, single_item=True)
+    try:
+        with Repo(str(root)) as repo, stages_in_process():
+            ran = repo.reproduce(stage, single_item=True)
+    except ReproductionError as e:
+        from rectflow.cli import StageFailedError, _user_errors
+        from rectflow.train import NonFiniteLossError
+
+        cause = e.__cause__
+        if isinstance(cause, (*_user_errors(), NonFiniteLossError, StageFailedError)):
+            raise cause from None  # the stage's own one-line error, not DVC's wrapper
+        raise
     return bool(ran)
+
+
+IN_PROCESS_ENV = "RECTFLOW_STAGES_IN_PROCESS"
+
+
+def _in_process_stage(stage: Any) -> str | None:
+    """The rectflow stage NAME that DVC's ``stage`` would run, if it may run in this process.
+
+    Only a command that is exactly ``rectflow stage NAME`` qualifies (a user who edits the command
+    in dvc.yaml gets it run as written). Couplings on Dask keep their own process: the round is a
+    Prefect flow of its own, with its own cluster.
+    """
+    from tasks import STAGES
+
+    if os.environ.get(IN_PROCESS_ENV, "1").strip().lower() in ("0", "false", "no"):
+        return None
+    cmd = stage.cmd if isinstance(stage.cmd, str) else (stage.cmd[0] if len(stage.cmd) == 1 else "")
+    parts = cmd.split()
+    if len(parts) != 3 or parts[:2] != ["rectflow", "stage"] or parts[2] not in STAGES:
+        return None
+    name = parts[2]
+    if name in ("couple", "reflow"):
+        from rectflow.config import load_params
+
+        c = load_params(Path(stage.wdir) / PARAMS_FILE).couple
+        if c.workers > 1 or c.dask_address or os.environ.get("RECTFLOW_DASK_ADDRESS"):
+            return None
+    return name
+
+
+@contextlib.contextmanager
+def stages_in_process() -> Iterator[None]:
+    """While active, DVC runs a stage command ``rectflow stage NAME`` as a call of
+    :func:`rectflow.cli.run_stage` in this process instead of a new shell and interpreter.
+
+    The same function the command calls, on the same ``params.yaml`` and working directory, so
+    outputs, ``metrics/NAME.json`` and the lock entries are the same; what is saved is a new
+    process per stage (interpreter, torch and package imports: about 2 s each on a 2-core CPU).
+    Any other command (edited in dvc.yaml, a Dask couple) goes to DVC's own runner. Set
+    ``RECTFLOW_STAGES_IN_PROCESS=0`` to run every stage in its own process.
+    """
+    import dvc.stage.run as dvc_stage_run
+
+    original = dvc_stage_run.cmd_run
+
+    def cmd_run(stage: Any, dry: bool = False, run_env: Any = None) -> None:
+        name = None if dry else _in_process_stage(stage)
+        if name is None:
+            return original(stage, dry=dry, run_env=run_env)
+        from rectflow.cli import run_stage
+
+        print(f"Running stage '{name}' in process: rectflow stage {name}", file=sys.stderr, flush=True)
+        wdir = Path(stage.wdir)
+        record = run_stage(name, wdir / PARAMS_FILE, [], root=wdir)
+        print(json.dumps({k: v for k, v in record.items() if not isinstance(v, (dict, list))}), flush=True)
+
+    dvc_stage_run.cmd_run = cmd_run
+    try:
+        yield
+    finally:
+        dvc_stage_run.cmd_run = original
 
 
 def _not_user_error(task, task_run, state) -> bool:  # type: ignore[no-untyped-def]
     """Retry transient failures only: a bad input or a NaN loss will fail again the same way."""
+    from rectflow.cli import _user_errors
+    from rectflow.train import NonFiniteLossError
+
     try:
         state.result()
+    except (*_user_errors(), NonFiniteLossError):
+        return False
     except Exception as e:
         text = str(e)
         return not any(s in text for s in ("rectflow: error", "ParamsError", "DataError", "ManifestError", "NaN"))
@@ -191,10 +276,12 @@ def _venv_on_path() -> None:
 
 def _artifact(root: Path, tracker, parent: str | None, executed: list[str], promotion: dict[str, Any]) -> None:  # type: ignore[no-untyped-def]
     rows = json.loads((Layout(root).metrics / "eval.json").read_text())["rows"]
-    head = "| model | solver | NFE | W2 | MMD | straightness | transport cost | latency ms/sample | FD |\n|---|---|---|---|---|---|---|---|---|\n"
+    head = ("| model | solver | schedule | NFE | W2 | MMD | straightness | transport cost | latency ms/sample | FD |\n"
+            "|---|---|---|---|---|---|---|---|---|---|\n")
     fmt = lambda v: "–" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
     body = "".join(
-        f"| {r['model']} | {r['solver']} | {r['nfe']} | {fmt(r['w2'])} | {fmt(r['mmd'])} | {fmt(r['straightness'])} "
+        f"| {r['model']} | {r['solver']} | {r.get('schedule', 'uniform')} | {r['nfe']} | {fmt(r['w2'])} "
+        f"| {fmt(r['mmd'])} | {fmt(r['straightness'])} "
         f"| {fmt(r['transport_cost'])} | {fmt(r['latency_ms'])} | {fmt(r.get('fd'))} |\n"
         for r in rows
     )
@@ -215,11 +302,48 @@ def _artifact(root: Path, tracker, parent: str | None, executed: list[str], prom
     create_markdown_artifact(markdown=md, key="rectflow-evaluation", description="Evaluation table of this pipeline run")
 
 
-def run_cli(params_path: Path, overrides: list[str]) -> dict[str, Any]:
-    """``rectflow run``: validate, then run the flow in this process (ephemeral Prefect by default)."""
+def run_cli(params_path: Path, overrides: list[str], starting: "threading.Thread | None" = None) -> dict[str, Any]:
+    """``rectflow run``: validate, then run the flow in this process (ephemeral Prefect by default).
+
+    ``starting``: the thread of :func:`flows.prefect_server.prestart`, joined before the flow runs.
+    """
     p = load_params(params_path, overrides)
     if Path(params_path).resolve() != (Path.cwd() / PARAMS_FILE).resolve():
         raise ParamsError(f"--params: the pipeline runs on ./{PARAMS_FILE} (dvc.yaml reads it); got {params_path}")
-    result = pipeline(params=p)
+    if starting is not None:  # Prefect's server is starting (flows.prefect_server): meanwhile,
+        _warm_imports()       # import what the stages and the tracker need anyway
+        starting.join()
+    try:
+        result = pipeline(params=p)
+    finally:
+        _drain_prefect_workers()
     print(json.dumps(result), flush=True)
     return result
+
+
+def _drain_prefect_workers(timeout: float = 10.0) -> None:
+    """Send the flow's last logs and events to the Prefect API now, and close their connections.
+
+    Otherwise the events worker keeps its websocket to Prefect's temporary server open until
+    exit, and the server's graceful shutdown waits for it (Prefect then kills it after 5 s).
+    """
+    try:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+    except ImportError:
+        return
+    for worker in (APILogWorker, EventsWorker):
+        with contextlib.suppress(Exception):
+            worker.drain_all(timeout=timeout)
+
+
+def _warm_imports() -> None:
+    """Import what the stages (run in this process) and the MLflow tracker need."""
+    import importlib
+
+    for module in ("torch", "dvc.repo", "mlflow", "flows.tracking", "flows.registry",
+                   *(f"tasks.{stage}" for stage in STAGES)):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            pass  # the stage that needs it will say so

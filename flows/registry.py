@@ -22,6 +22,21 @@ def _alias(client, name: str, alias: str):  # type: ignore[no-untyped-def]
         return None
 
 
+def _evaluated_w2(layout: Layout, steps: int) -> float | None:
+    """The distilled model's W2 at its own step count as the evaluate stage measured it
+    (``metrics/eval.json``): the same noise, data and solver as :func:`tasks.evaluate.score_one_step`."""
+    import json
+
+    try:
+        rows = json.loads((layout.metrics / "eval.json").read_text())["rows"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    for r in rows:
+        if (r.get("model"), r.get("solver"), r.get("schedule", "uniform"), r.get("nfe")) == ("distilled", "euler", "uniform", steps):
+            return float(r["w2"])
+    return None
+
+
 def promote(tracker, root: Path, parent_run_id: str) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     import mlflow
 
@@ -32,8 +47,11 @@ def promote(tracker, root: Path, parent_run_id: str) -> dict[str, Any]:  # type:
     name = p.tracking.registered_model
     layout = Layout(root)
     stem = layout.model("distilled")
-    sha = read_model_card(stem)["meta"]["sha256"]
-    score = score_one_step(p, layout, stem)
+    card = read_model_card(stem)
+    sha = card["meta"]["sha256"]
+    score = _evaluated_w2(layout, int(card["meta"].get("steps", 1)))
+    if score is None:
+        score = score_one_step(p, layout, stem)
     champion = _alias(client, name, "champion")
     if champion is not None and champion.tags.get("sha256") == sha:
         return {"decision": "unchanged", "version": champion.version, "w2": score,

@@ -161,9 +161,13 @@ class Tracker:
             self.client.log_batch(run_id, metrics=metrics[i : i + 900])
         if layout.stage_metrics(stage).is_file():
             self.client.log_artifact(run_id, str(layout.stage_metrics(stage)), "metrics")
+        from rectflow.schedule import schedule_path
+
         for name in MODEL_STAGES.get(stage, []) + (_reflow_models(record) if stage == "reflow" else []):
-            for suffix in (".safetensors", ".json"):
-                path = layout.model(name).with_suffix(suffix)
+            # weights, card and (flows) the BOSS step schedules: `rectflow sample --schedule bellman`
+            # finds NAME.schedule.json beside the weights it downloads
+            for path in (*(layout.model(name).with_suffix(s) for s in (".safetensors", ".json")),
+                         schedule_path(layout.model(name))):
                 if path.is_file():
                     self.client.log_artifact(run_id, str(path), f"models/{name}")
         if stage in ("couple", "reflow"):
@@ -171,8 +175,9 @@ class Tracker:
                 self.client.log_artifact(run_id, str(man), f"couplings/{man.parent.name}")
         if stage == "evaluate":
             rows = json.loads((layout.metrics / "eval.json").read_text())["rows"]
-            for r in rows:
-                key = f"{r['model']}/{r['solver']}/nfe{r['nfe']}"
+            for r in rows:  # a BOSS-schedule row: eval/MODEL/SOLVER-bellman/nfeK (never the uniform row's key)
+                tag = "-bellman" if r.get("schedule") == "bellman" else ""
+                key = f"{r['model']}/{r['solver']}{tag}/nfe{r['nfe']}"
                 ms = [Metric(f"eval/{key}/{m}", float(r[m]), now, int(r["nfe"]))
                       for m in ("w2", "mmd", "transport_cost", "latency_ms", "fd") if r.get(m) is not None]
                 self.client.log_batch(run_id, metrics=ms)

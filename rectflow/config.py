@@ -21,6 +21,7 @@ DataName = Literal[
     "gaussian", "moons", "8gaussians", "checkerboard", "scurve", "circles", "swissroll", "digits", "file"
 ]
 SolverName = Literal["euler", "heun", "midpoint", "rk45"]
+ScheduleName = Literal["uniform", "bellman"]
 TimeDist = Literal["uniform", "logit_normal", "u_shaped"]
 LossName = Literal["l2", "pseudo_huber"]
 Precision = Literal["fp32", "bf16"]
@@ -128,11 +129,22 @@ class CoupleParams(Section):
     rtol: PosFloat = 1e-5
     atol: PosFloat = 1e-5
     precision: Precision = "fp32"
+    schedule: ScheduleName = Field(
+        "uniform", description="Time grid of a fixed-step solver: `steps` uniform steps, or the flow's BOSS "
+        "schedule for K = `steps` (models/rfK.schedule.json)."
+    )
     workers: PosInt = Field(1, description="Dask workers for shard generation (1: in process).")
     dask_address: str | None = Field(
         None, description="A running Dask scheduler (tcp://HOST:PORT) for shard generation; None: a local "
         "cluster of `workers` processes. RECTFLOW_DASK_ADDRESS wins over it."
     )
+
+    @model_validator(mode="after")
+    def _schedule_needs_fixed_steps(self) -> CoupleParams:
+        if self.schedule == "bellman" and self.solver == "rk45":
+            raise ValueError("couple.schedule: 'bellman' needs a fixed-step solver (euler, heun, midpoint), "
+                             "got couple.solver 'rk45'")
+        return self
 
 
 class ReflowParams(TrainParams):
@@ -165,11 +177,29 @@ class GridEntry(Section):
     steps: list[PosInt] | None = Field(
         None, description="Fixed-step counts; None means the model's own (students) or adaptive."
     )
+    schedule: ScheduleName = Field(
+        "uniform", description="Time grid of a fixed-step solver: uniform, or each flow's saved BOSS schedule "
+        "for K = each of `steps` (models/NAME.schedule.json)."
+    )
+
+    @model_validator(mode="after")
+    def _schedule_needs_fixed_steps(self) -> GridEntry:
+        if self.schedule != "bellman":
+            return self
+        if self.solver == "rk45":
+            raise ValueError("schedule: 'bellman' needs a fixed-step solver (euler, heun, midpoint), got solver 'rk45'")
+        if self.steps is None:
+            raise ValueError("schedule: 'bellman' needs explicit steps (the K of each saved schedule)")
+        if self.models in ("students", "all"):
+            raise ValueError(f"schedule: 'bellman' applies to flows only (students have no schedule), got models "
+                             f"{self.models!r}")
+        return self
 
 
 def _default_grid() -> list[GridEntry]:
     return [
         GridEntry(models="flows", solver="euler", steps=[1, 2, 4, 8, 100]),
+        GridEntry(models="flows", solver="euler", steps=[2, 4, 8], schedule="bellman"),
         GridEntry(models="flows", solver="rk45"),
         GridEntry(models="students", solver="euler"),
     ]
@@ -183,6 +213,16 @@ class EvaluateParams(Section):
     atol: PosFloat = 1e-5
     latency_batch: PosInt = 1024
     mmd_bandwidth: PosFloat | None = Field(None, description="RBF bandwidth; None: median heuristic.")
+
+
+class BellmanParams(Section):
+    """BOSS step schedules (rectflow/schedule.py), made for every flow the pipeline trains and saved
+    beside it as ``models/rfK.schedule.json``: the least-cost K-step grid for every K = 1 … grid_points."""
+
+    grid_points: Annotated[int, Field(ge=2)] = Field(
+        100, description="Teacher Euler steps of the trajectory the costs come from (the largest K)."
+    )
+    n_samples: PosInt = Field(1024, description="Source draws the one-step cost matrix is averaged over.")
 
 
 class TrackingParams(Section):
@@ -212,7 +252,7 @@ class ScheduleParams(Section):
 
 _SECTION_CLASSES: dict[str, type[Section]] = {
     "pretrain": PretrainParams, "couple": CoupleParams, "reflow": ReflowParams,
-    "distill": DistillParams, "evaluate": EvaluateParams,
+    "distill": DistillParams, "evaluate": EvaluateParams, "bellman": BellmanParams,
 }
 
 
@@ -223,6 +263,7 @@ def _image_budget() -> dict[str, dict[str, Any]]:
         "reflow": {"steps": 3000, "batch_size": 128, "lr": 2e-4, "precision": "bf16"},
         "distill": {"steps": 3000, "batch_size": 128, "lr": 1e-4, "precision": "bf16"},
         "evaluate": {"n_samples": 1000, "latency_batch": 256},
+        "bellman": {"n_samples": 256},
     }
 
 
@@ -238,6 +279,7 @@ class ImagesParams(Section):
     reflow: dict[str, Any] = Field(default_factory=lambda: _image_budget()["reflow"])
     distill: dict[str, Any] = Field(default_factory=lambda: _image_budget()["distill"])
     evaluate: dict[str, Any] = Field(default_factory=lambda: _image_budget()["evaluate"])
+    bellman: dict[str, Any] = Field(default_factory=lambda: _image_budget()["bellman"])
 
     @model_validator(mode="after")
     def _keys_exist(self) -> ImagesParams:
@@ -262,10 +304,24 @@ class Params(Section):
     distill: DistillParams = DistillParams()
     quantize: QuantizeParams = QuantizeParams()
     evaluate: EvaluateParams = EvaluateParams()
+    bellman: BellmanParams = BellmanParams()
     tracking: TrackingParams = TrackingParams()
     storage: StorageParams = StorageParams()
     schedule: ScheduleParams = ScheduleParams()
     images: ImagesParams = ImagesParams()
+
+    @model_validator(mode="after")
+    def _schedules_within_grid(self) -> Params:
+        """A BOSS schedule has at most ``bellman.grid_points`` steps: say so before any stage runs."""
+        top = self.bellman.grid_points
+        if self.couple.schedule == "bellman" and self.couple.steps > top:
+            raise ValueError(f"couple.steps: {self.couple.steps} > bellman.grid_points ({top}), the largest K "
+                             "of a saved BOSS schedule (couple.schedule is 'bellman')")
+        for i, e in enumerate(self.evaluate.grid):
+            if e.schedule == "bellman" and e.steps and max(e.steps) > top:
+                raise ValueError(f"evaluate.grid.{i}.steps: {max(e.steps)} > bellman.grid_points ({top}), the "
+                                 "largest K of a saved BOSS schedule")
+        return self
 
     def effective(self) -> Params:
         """These params as the stages use them: the ``images`` budget applied when the target is images."""
@@ -315,6 +371,8 @@ def _format_error(err: ValidationError, source: str) -> str:
         msg = f"{msg}, got {first.get('input')!r}"
     where = f"{source}: " if source else ""
     more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    if not loc and first["type"] == "value_error" and msg.startswith("Value error, "):
+        return f"{where}{msg[len('Value error, '):]}{more}"  # a check across sections names its own key
     return f"{where}{loc or '<root>'}: {msg}{more}"
 
 

@@ -19,7 +19,8 @@ Method (FIELD.md, "Samplers")
    accumulated over batch chunks: memory is one chunk's trajectory, whatever the size of ``z0``.
 3. Dynamic programming (Bellman): D_m(k) = min_{j<k} D_{m−1}(j) + c_jk with D_0(0) = 0 gives the
    K-step path 0 = i_0 < i_1 < … < i_K = N of least total cost Σ_m c_{i_{m−1} i_m} in O(K·N²);
-   the schedule is t_{i_0}, …, t_{i_K}.
+   the schedule is t_{i_0}, …, t_{i_K}. The layers D_1, D_2, … do not depend on K, so one pass
+   of N layers gives every K = 1 … N at once (:func:`bellman_paths`, O(N³)).
 
 The result is an explicit time grid for :func:`rectflow.solvers.solve` (``times=``). A model's
 schedules are stored beside it as ``models/NAME.schedule.json`` (:func:`save_schedule`).
@@ -40,12 +41,14 @@ from rectflow.solvers import Velocity, uniform_grid
 
 __all__ = [
     "bellman_path",
+    "bellman_paths",
     "bellman_schedule",
     "bellman_schedules",
     "load_schedule",
     "path_cost",
     "save_schedule",
     "schedule_path",
+    "schedule_times",
     "step_costs",
 ]
 
@@ -126,6 +129,45 @@ def bellman_path(cost: Tensor, k: int) -> tuple[list[int], float]:
     return path, float(best[n])
 
 
+def bellman_paths(cost: Tensor, ks: Iterable[int]) -> dict[int, tuple[list[int], float]]:
+    """:func:`bellman_path` for several K in one pass: ``{K: (index path, cost)}``.
+
+    The DP layer D_m (least cost of reaching each grid point in m steps) is the same whatever K,
+    so layers 1 … max(ks) are computed once (O(max K · N²), not O(Σ K · N²)) and each K's path is
+    read back from the parents of its own first K layers. Same ties as :func:`bellman_path`, hence
+    the same paths.
+    """
+    n = cost.shape[0] - 1
+    if cost.ndim != 2 or cost.shape[1] != n + 1 or n < 1:
+        raise ValueError(f"cost: expected a square (N + 1, N + 1) matrix, got {tuple(cost.shape)}")
+    wanted = sorted({int(k) for k in ks})
+    for k in wanted:
+        if not 1 <= k <= n:
+            raise ValueError(f"k: must be in [1, {n}] for a {n}-step teacher grid, got {k}")
+    if not wanted:
+        return {}
+    c = cost.double().clone()
+    c[~torch.triu(torch.ones(n + 1, n + 1, dtype=torch.bool), diagonal=1)] = math.inf
+    best = torch.full((n + 1,), math.inf, dtype=torch.float64)
+    best[0] = 0.0
+    parents: list[list[int]] = []
+    out: dict[int, tuple[list[int], float]] = {}
+    for m in range(1, wanted[-1] + 1):
+        best, arg = (best[:, None] + c).min(0)  # (from j, to i); first index on ties
+        parents.append(arg.tolist())
+        if m in wanted:
+            total = float(best[n])
+            if not math.isfinite(total):
+                raise ValueError("no finite K-step path: the cost matrix has infinite entries on every path")
+            path = [n]
+            for par in reversed(parents):
+                path.append(par[path[-1]])
+            path.reverse()
+            assert path[0] == 0 and all(a < b for a, b in zip(path[:-1], path[1:])), path
+            out[m] = (path, total)
+    return out
+
+
 def path_cost(cost: Tensor, path: Iterable[int]) -> float:
     """Σ cost[i_{m−1}, i_m] along an index path."""
     p = list(path)
@@ -135,14 +177,14 @@ def path_cost(cost: Tensor, path: Iterable[int]) -> float:
 def bellman_schedules(
     v: Velocity, z0: Tensor, ks: Iterable[int], grid_points: int = 100, chunk: int = 4096
 ) -> dict[int, Tensor]:
-    """:func:`bellman_schedule` for several K from one teacher trajectory: ``{K: times (K + 1,)}``."""
+    """:func:`bellman_schedule` for several K from one teacher trajectory: ``{K: times (K + 1,)}``.
+
+    One cost matrix (``grid_points`` evaluations of ``v`` on ``z0`` ``(B, *shape)``) and one DP pass
+    (:func:`bellman_paths`) serve every K in ``ks``.
+    """
     cost = step_costs(v, z0, grid_points, chunk)
     grid = uniform_grid(grid_points)
-    out = {}
-    for k in ks:
-        path, _ = bellman_path(cost, int(k))
-        out[int(k)] = grid[path].clone()
-    return out
+    return {k: grid[path].clone() for k, (path, _) in sorted(bellman_paths(cost, ks).items())}
 
 
 def bellman_schedule(v: Velocity, z0: Tensor, k: int, grid_points: int = 100) -> Tensor:
@@ -216,3 +258,29 @@ def load_schedule(stem: Path | str) -> dict[int, Tensor]:
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ModelError(f"{path}: not a valid schedule file ({e})") from None
+
+
+def schedule_times(stem: Path | str, k: int, model_sha256: str | None = None) -> Tensor:
+    """The saved BOSS K-step grid ``(k + 1,)`` float64 of the model ``models/NAME`` (``stem``).
+
+    With ``model_sha256`` (the weights' hash from the model card), a file made for other weights
+    (its ``meta.model_sha256`` differs) is refused: the schedule belongs to one trained flow.
+    Raises :class:`rectflow.nets.ModelError` naming the file if it is missing, malformed, stale or
+    has no schedule for this K.
+    """
+    from rectflow.nets import ModelError
+
+    scheds = load_schedule(stem)
+    if model_sha256 is not None:
+        try:
+            made_for = (read_json(schedule_path(stem)).get("meta") or {}).get("model_sha256")
+        except (OSError, ValueError, AttributeError):
+            made_for = None
+        if made_for is not None and made_for != model_sha256:
+            raise ModelError(f"{schedule_path(stem)}: made for other weights (sha256 {str(made_for)[:12]}…, the "
+                             f"model's is {model_sha256[:12]}…); rerun the stage that trained it")
+    if int(k) not in scheds:
+        have = sorted(scheds)
+        span = f"K = {have[0]} … {have[-1]}" if have else "no K at all"
+        raise ModelError(f"{schedule_path(stem)}: no schedule for K = {int(k)} (it has {span})")
+    return scheds[int(k)]

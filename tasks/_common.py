@@ -1,7 +1,8 @@
-"""What the training stages share: seeding, one 'train then save' step, model cards."""
+"""What the training stages share: seeding, one 'train then save' step, model cards, flow schedules."""
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -77,6 +78,44 @@ def train_and_save(
         record["sha256"] = sha
     record["seconds"] = round(time.perf_counter() - t0, 3)
     return record
+
+
+SCHEDULE_SEED_OFFSET = 20_011  # the schedule's source draws: neither evaluation's nor a shard's noise
+SCHEDULE_CHUNK_VALUES = 1 << 18  # rows × dims of trajectory held at once while the costs are accumulated
+
+
+def save_flow_schedule(p: Params, layout: Layout, name: str, dev: torch.device) -> dict[str, Any]:
+    """Compute the BOSS schedules of the saved flow ``models/NAME`` and write ``models/NAME.schedule.json``.
+
+    The flow is reloaded from disk (exactly the saved weights, eval mode), run with Euler on the
+    uniform ``bellman.grid_points``-step grid from ``bellman.n_samples`` source draws z0
+    ``(n, *shape)`` (seed ``seed + SCHEDULE_SEED_OFFSET``), and the least-cost K-step grid is kept for
+    every K = 1 … grid_points (:func:`rectflow.schedule.bellman_schedules`: one cost matrix, one DP
+    pass). Returns a small record for the stage's metrics: the file and the seconds it took.
+    """
+    from rectflow.data import load_prepared
+    from rectflow.schedule import bellman_schedules, save_schedule
+
+    t0 = time.perf_counter()
+    b = p.bellman
+    model, card = teacher(layout, name, dev)
+    shape = tuple(card["arch"]["shape"])
+    dim = max(1, int(torch.Size(shape).numel()))
+    seed = p.seed + SCHEDULE_SEED_OFFSET
+    source = load_prepared(layout.prepared, "source", "train")
+    z0 = source.sample(b.n_samples, torch.Generator().manual_seed(seed)).reshape(b.n_samples, *shape).to(dev)
+    # the trajectory of one chunk is (grid_points + 1) × chunk × D values: bounded whatever the data
+    chunk = max(1, min(4096, SCHEDULE_CHUNK_VALUES // dim))
+    scheds = bellman_schedules(model, z0, range(1, b.grid_points + 1), b.grid_points, chunk=chunk)
+    path = save_schedule(layout.model(name), scheds, meta={
+        "model": name, "model_sha256": card["meta"]["sha256"], "grid_points": b.grid_points,
+        "n_samples": b.n_samples, "seed": seed,
+    })
+    seconds = time.perf_counter() - t0
+    print(f"[{name}] BOSS schedules K = 1 … {b.grid_points} from {b.n_samples} source draws: {path} "
+          f"({seconds:.2f} s)", file=sys.stderr, flush=True)
+    return {"schedule": str(path.relative_to(layout.root)) if path.is_relative_to(layout.root) else str(path),
+            "schedule_seconds": round(seconds, 3)}
 
 
 def model_sha(layout: Layout, name: str) -> str:

@@ -3,7 +3,9 @@
 Round K uses ``models/rfK``. Z0 of shard i is drawn from π0 with its own seed (seed, round, i), so
 shards do not depend on how many workers made them or in which order. The ODE is solved in batches
 of ``couple.batch_size`` under ``torch.inference_mode`` (optionally bf16 autocast), by default with
-adaptive RK45 at rtol = atol = 1e-5; writing shard i overlaps solving shard i + 1.
+adaptive RK45 at rtol = atol = 1e-5; writing shard i overlaps solving shard i + 1. A fixed-step
+solver takes ``couple.steps`` uniform steps, or with ``couple.schedule: bellman`` rfK's saved BOSS
+grid for K = ``couple.steps`` (``models/rfK.schedule.json``; recorded in the manifest).
 
 Work in progress lives in ``.rectflow/staging/couplings/round-K/`` with a running manifest: a rerun
 after a crash keeps every finished shard whose sha256 checks out and makes only the missing or
@@ -46,16 +48,48 @@ def shard_rows(n_pairs: int, shard_size: int) -> list[int]:
     return [shard_size] * full + ([rest] if rest else [])
 
 
+def round_times(p: Params, layout: Layout, round_k: int) -> torch.Tensor | None:
+    """The time grid ``(couple.steps + 1,)`` of round ``round_k``: rf{round_k}'s saved BOSS schedule
+    for K = ``couple.steps`` when ``couple.schedule`` is ``bellman``, else None (uniform steps or
+    adaptive RK45). A missing or stale schedule file is a ModelError naming it."""
+    if p.couple.schedule != "bellman":
+        return None
+    from rectflow.schedule import schedule_times
+
+    name = f"rf{round_k}"
+    return schedule_times(layout.model(name), p.couple.steps, model_sha(layout, name))
+
+
+def solver_record(p: Params, times: torch.Tensor | None) -> dict[str, Any]:
+    """The manifest's ``solver``: what made the pairs, the time grid included."""
+    c = p.couple
+    fixed = c.solver != "rk45"
+    rec: dict[str, Any] = {
+        "name": c.solver, "steps": c.steps if fixed else None,
+        "rtol": None if fixed else c.rtol, "atol": None if fixed else c.atol, "precision": c.precision,
+        "schedule": c.schedule if fixed else "adaptive",
+    }
+    if times is not None:
+        rec["times"] = [float(t) for t in times.tolist()]
+    return rec
+
+
 @torch.inference_mode()
-def solve_pairs(model: nn.Module, z0: torch.Tensor, p: Params, dev: torch.device) -> tuple[torch.Tensor, int]:
-    """Z1 = ODE(Z0) for ``z0`` ``(n, *shape)`` in batches; returns (z1 on CPU, NFE summed over batches)."""
+def solve_pairs(
+    model: nn.Module, z0: torch.Tensor, p: Params, dev: torch.device, times: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Z1 = ODE(Z0) for ``z0`` ``(n, *shape)`` in batches; returns (z1 on CPU, NFE summed over batches).
+
+    ``times`` ``(K + 1,)``: the fixed-step solver's time grid (a BOSS schedule); None: ``couple.steps``
+    uniform steps (or adaptive RK45).
+    """
     c = p.couple
     out, nfe = [], 0
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=c.precision == "bf16")
     for b in range(0, len(z0), c.batch_size):
         zb = z0[b : b + c.batch_size].to(dev, non_blocking=True)
         with autocast:
-            sol = solve(model, zb, c.solver, c.steps, rtol=c.rtol, atol=c.atol)
+            sol = solve(model, zb, c.solver, c.steps, times=times, rtol=c.rtol, atol=c.atol)
         out.append(sol.x.float().cpu())
         nfe += sol.nfe
     return torch.cat(out), nfe
@@ -67,10 +101,12 @@ def sample_source(source: Distribution, n: int, seed: int, shape: tuple[int, ...
 
 def generate_shard(
     p: Params, model: nn.Module, source: Distribution, shape: tuple[int, ...], round_k: int, index: int,
-    rows: int, dev: torch.device,
+    rows: int, dev: torch.device, times: torch.Tensor | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Shard ``index``: z0 ``(rows, *shape)`` from its own seed and z1 = ODE(z0) on ``times`` (see
+    :func:`solve_pairs`); returns (z0, z1, NFE)."""
     z0 = sample_source(source, rows, shard_seed(p.seed, round_k, index), shape)
-    z1, nfe = solve_pairs(model, z0, p, dev)
+    z1, nfe = solve_pairs(model, z0, p, dev, times)
     return z0.numpy(), z1.numpy(), nfe
 
 
@@ -123,8 +159,12 @@ def run_round(p: Params, layout: Layout, round_k: int) -> dict:
 
         raise DataError(f"{layout.prepared}: source dimension {source.dim} differs from {name}'s {int(np.prod(shape))}; "
                         "rerun prepare and pretrain")
-    fp = fingerprint(model_sha(layout, name), c.model_dump(mode="json", exclude={"workers", "dask_address"}),
-                     p.seed, round_k, p.data.model_dump(mode="json"))
+    times = round_times(p, layout, round_k)
+    # A uniform round keeps the fingerprint it had before schedules existed; a BOSS round adds its
+    # grid, so a round made on another schedule (or another K) is never reused.
+    grid = () if times is None else ({"schedule": "bellman", "times": [float(t) for t in times.tolist()]},)
+    fp = fingerprint(model_sha(layout, name), c.model_dump(mode="json", exclude={"workers", "dask_address", "schedule"}),
+                     p.seed, round_k, p.data.model_dump(mode="json"), *grid)
     remote = remote_round(p, layout, round_k)  # S3: checked now, before any work
     final, staging = layout.round_dir(round_k), layout.staging(f"couplings/round-{round_k}")
     trash = staging.parent / f".{staging.name}.replaced"
@@ -153,9 +193,7 @@ def run_round(p: Params, layout: Layout, round_k: int) -> dict:
         "format": 1, "round": round_k, "shape": list(shape), "dim": int(np.prod(shape)),
         "n_pairs": c.n_pairs, "shard_size": c.shard_size, "seed": p.seed,
         "model": {"name": name, "sha256": model_sha(layout, name)},
-        "solver": {"name": c.solver, "steps": c.steps if c.solver != "rk45" else None,
-                   "rtol": c.rtol if c.solver == "rk45" else None, "atol": c.atol if c.solver == "rk45" else None,
-                   "precision": c.precision},
+        "solver": solver_record(p, times),
         "source": p.data.source, "fingerprint": fp, "complete": False, "shards": [None] * len(rows),
     }
     todo, bad = [], []
@@ -193,7 +231,7 @@ def run_round(p: Params, layout: Layout, round_k: int) -> dict:
 
     if use_dask and todo:
         # Each Dask task writes its shard into staging (and uploads it) and returns its entry.
-        for i, entry in generate_on_dask(p, layout, round_k, todo, rows, staging):
+        for i, entry in generate_on_dask(p, layout, round_k, todo, rows, staging):  # workers read the schedule
             publish(i, entry)
     else:
         # One writer thread: writing shard i overlaps solving shard i + 1, and every manifest
@@ -201,7 +239,7 @@ def run_round(p: Params, layout: Layout, round_k: int) -> dict:
         with ThreadPoolExecutor(max_workers=1) as writer:
             pending: Future | None = None
             for i in todo:
-                z0, z1, nfe = generate_shard(p, model, source, shape, round_k, i, rows[i], dev)
+                z0, z1, nfe = generate_shard(p, model, source, shape, round_k, i, rows[i], dev, times)
                 if pending is not None:
                     pending.result()
                 pending = writer.submit(_write, staging, i, z0, z1, nfe, publish, remote)

@@ -8,8 +8,9 @@ cluster address is set (``couple.dask_address``, or ``RECTFLOW_DASK_ADDRESS``, w
 * an address (``tcp://HOST:8786``): that running cluster, whatever its size.
 
 The flow maps one task over the shard indices still to make. Each task gets only small arguments
-(params, paths, its index and row count), loads ``models/rfK`` and the prepared source from the
-workspace itself (once per worker process, kept for its next shards), makes its shard with
+(params, paths, its index and row count), loads ``models/rfK`` (with ``couple.schedule: bellman``
+also ``models/rfK.schedule.json``) and the prepared source from the workspace itself (once per
+worker process, kept for its next shards), makes its shard with
 :func:`tasks.couple.generate_shard` and writes it with :func:`tasks.couple._write`, the very code
 of the one-worker path, so shard i is byte-identical whichever worker made it: its noise comes
 from its own seed (seed, round, i). The task uploads its shard when storage is S3 and returns
@@ -74,16 +75,24 @@ def task_runner(p: Params) -> DaskTaskRunner:
 
 # ---- in the worker -------------------------------------------------------------------------------
 
-_WORKER_CACHE: dict[tuple[str, int, str], tuple[Any, Any, tuple[int, ...], Any]] = {}
+_WORKER_CACHE: dict[tuple[str, int, str, str | None], tuple[Any, Any, tuple[int, ...], Any, Any]] = {}
 
 
-def _worker_inputs(root: str, round_k: int, model_sha: str) -> tuple[Any, Any, tuple[int, ...], Any]:
-    """(model, source, shape, device) of this round, loaded once per worker process."""
-    key = (root, round_k, model_sha)
+def _worker_inputs(
+    p: Params, root: str, round_k: int, model_sha: str, schedule_sha: str | None,
+) -> tuple[Any, Any, tuple[int, ...], Any, Any]:
+    """(model, source, shape, device, times) of this round, loaded once per worker process.
+
+    ``times``: the round's BOSS grid, read from ``models/rfK.schedule.json`` in the shared workspace
+    when ``couple.schedule`` is ``bellman`` (checked against the sha256 ``schedule_sha`` the calling
+    process saw), else None.
+    """
+    key = (root, round_k, model_sha, schedule_sha)
     if key not in _WORKER_CACHE:
         from rectflow.data import load_prepared
         from rectflow.nets import ModelError
         from tasks._common import device, teacher
+        from tasks.couple import round_times
 
         layout = Layout(Path(root))
         dev = device()
@@ -91,15 +100,26 @@ def _worker_inputs(root: str, round_k: int, model_sha: str) -> tuple[Any, Any, t
         if card["meta"].get("sha256") != model_sha:
             raise ModelError(f"{layout.model(f'rf{round_k}')}: this worker sees other weights than the "
                              "process that started the round (is the workspace shared at the same path?)")
+        times = None
+        if schedule_sha is not None:
+            from rectflow.io import file_sha256
+            from rectflow.schedule import schedule_path
+
+            sched = schedule_path(layout.model(f"rf{round_k}"))
+            if not sched.is_file() or file_sha256(sched) != schedule_sha:
+                raise ModelError(f"{sched}: this worker sees another step schedule than the process that "
+                                 "started the round (is the workspace shared at the same path?)")
+            times = round_times(p, layout, round_k)
         source = load_prepared(layout.prepared, "source", "train")
         _WORKER_CACHE.clear()
-        _WORKER_CACHE[key] = (model, source, tuple(card["arch"]["shape"]), dev)
+        _WORKER_CACHE[key] = (model, source, tuple(card["arch"]["shape"]), dev, times)
     return _WORKER_CACHE[key]
 
 
 @task(name="couple-shard", cache_policy=NO_CACHE, persist_result=False, retries=0)
 def make_shard(
     p: Params, root: str, round_k: int, index: int, rows: int, staging: str, model_sha: str, remote: Any,
+    schedule_sha: str | None = None,
 ) -> tuple[int, dict[str, Any], float]:
     """Make, write (and upload) shard ``index``; return ``(index, manifest entry, start time)``."""
     started = time.time()
@@ -108,8 +128,8 @@ def make_shard(
     from tasks.couple import _write, generate_shard
 
     torch.set_num_threads(1)  # one thread per worker process: the cluster is the parallelism
-    model, source, shape, dev = _worker_inputs(root, round_k, model_sha)
-    z0, z1, nfe = generate_shard(p, model, source, shape, round_k, index, rows, dev)
+    model, source, shape, dev, times = _worker_inputs(p, root, round_k, model_sha, schedule_sha)
+    z0, z1, nfe = generate_shard(p, model, source, shape, round_k, index, rows, dev, times)
     entry = _write(Path(staging), index, z0, z1, nfe, lambda i, e: None, remote)
     return index, entry, started
 
@@ -158,6 +178,7 @@ class _Run:
     staging: str
     model_sha: str
     remote: Any
+    schedule_sha: str | None = None
     out: queue.Queue = field(default_factory=queue.Queue)
     timings: dict[str, float] = field(default_factory=dict)
     t0: float = field(default_factory=time.perf_counter)
@@ -178,7 +199,7 @@ def _couple_flow(run_id: str, round_k: int) -> None:
     futures = make_shard.map(
         p=unmapped(run.p), root=unmapped(run.root), round_k=unmapped(round_k), index=list(run.todo),
         rows=[run.rows[i] for i in run.todo], staging=unmapped(run.staging), model_sha=unmapped(run.model_sha),
-        remote=unmapped(run.remote),
+        remote=unmapped(run.remote), schedule_sha=unmapped(run.schedule_sha),
     )
     for fut in as_completed(futures):
         index, entry, started = fut.result()
@@ -206,10 +227,17 @@ def generate_on_dask(
     if address and not os.environ.get("PREFECT_API_URL"):
         print(f"[couple] note: no PREFECT_API_URL; workers at {address} must reach this machine's temporary "
               "Prefect server on 127.0.0.1 (set PREFECT_API_URL to a shared Prefect server)", file=sys.stderr, flush=True)
+    schedule_sha = None
+    if p.couple.schedule == "bellman":  # workers read the schedule file themselves; this is its hash
+        from rectflow.io import file_sha256
+        from rectflow.schedule import schedule_path
+
+        schedule_sha = file_sha256(schedule_path(layout.model(f"rf{round_k}")))
     run = _Run(
         p=p, root=str(Path(layout.root).absolute()), round_k=round_k, todo=list(todo), rows=list(rows),
         staging=str(Path(staging).absolute()), model_sha=read_model_card(layout.model(f"rf{round_k}"))["meta"]["sha256"],
         remote=remote_round(p, layout, round_k, check=False),  # run_round checked access already
+        schedule_sha=schedule_sha,
     )
     run_id = uuid.uuid4().hex
     _RUNS[run_id] = run

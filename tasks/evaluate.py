@@ -1,8 +1,12 @@
 """Stage 7, evaluate: every model × solver × NFE of ``evaluate.grid`` on the same noise.
 
-Writes ``metrics/eval.json`` (``{"rows": [...]}``, one row per (model, solver, nfe); CONTRACT.md),
-``metrics/evaluate.json`` (a flat summary for ``dvc metrics``), ``plots/nfe_w2.csv`` (W2 against
-Euler NFE per flow, a DVC plot) and ``plots/trajectories.png`` (1-RF vs the last flow, 2D data).
+Writes ``metrics/eval.json`` (``{"rows": [...]}``, one row per (model, solver, schedule, nfe);
+CONTRACT.md), ``metrics/evaluate.json`` (a flat summary for ``dvc metrics``), ``plots/nfe_w2.csv``
+(W2 against Euler NFE per flow, a DVC plot) and ``plots/trajectories.png`` (1-RF vs the last flow:
+paths in the plane for vectors, strips of images along t for images). A grid entry with ``schedule: bellman`` runs each flow on its saved BOSS grid for K = each
+of its ``steps`` (``models/NAME.schedule.json``); its rows have ``schedule: bellman`` (others
+``uniform``, or ``adaptive`` for RK45) and ``-bellman`` in summary keys, sample file names and
+plot columns, so they never collide with the uniform rows of the same model, solver and NFE.
 Every row uses the same Z0 (``evaluate.n_samples`` draws from π0 with a fixed seed) and the same
 held-out target samples; NFE is what the solver measured, not what was requested.
 """
@@ -23,6 +27,7 @@ from rectflow.data import load_prepared
 from rectflow.io import atomic_path, atomic_write_json
 from rectflow.layout import Layout
 from rectflow.nets import build_model, count_params, load_model
+from rectflow.schedule import schedule_times
 from rectflow.solvers import solve
 from tasks._common import device
 from tasks.distill import student_names
@@ -52,18 +57,27 @@ def model_groups(p: Params, layout: Layout) -> dict[str, list[str]]:
     return {"flows": flows, "students": students, "all": flows + students}
 
 
-def expand_grid(grid: list[GridEntry], groups: dict[str, list[str]], steps_of: dict[str, int]) -> list[tuple[str, str, int | None]]:
-    """(model, solver, steps) triples; steps None means adaptive (rk45)."""
-    out: list[tuple[str, str, int | None]] = []
+def expand_grid(
+    grid: list[GridEntry], groups: dict[str, list[str]], steps_of: dict[str, int],
+) -> list[tuple[str, str, int | None, str]]:
+    """(model, solver, steps, schedule) rows of the grid; steps None means adaptive (rk45), whose
+    schedule is ``adaptive``; fixed-step rows have ``uniform`` or ``bellman``."""
+    out: list[tuple[str, str, int | None, str]] = []
     for e in grid:
         names = groups[e.models] if isinstance(e.models, str) else e.models
         for m in names:
             if e.solver == "rk45":
-                out.append((m, "rk45", None))
+                out.append((m, "rk45", None, "adaptive"))
             else:
                 for s in e.steps or [steps_of.get(m, 1)]:
-                    out.append((m, e.solver, s))
+                    out.append((m, e.solver, s, e.schedule))
     return out
+
+
+def row_tag(row: dict[str, Any]) -> str:
+    """``-bellman`` for a row on a BOSS schedule, else empty: what keeps rows of the same model,
+    solver and NFE apart in summary keys, file names and plot columns."""
+    return "-bellman" if row.get("schedule") == "bellman" else ""
 
 
 def run(p: Params, layout: Layout) -> dict:
@@ -89,17 +103,23 @@ def run(p: Params, layout: Layout) -> dict:
     rows = []
     fd_ctx = _fd_context(p, layout, dev) if len(shape) == 3 else None
     lat_noise = torch.randn((e.latency_batch, *shape), generator=torch.Generator().manual_seed(p.seed + 1)).to(dev)
-    for name, solver, steps in expand_grid(e.grid, groups, steps_of):
+    for name, solver, steps, schedule in expand_grid(e.grid, groups, steps_of):
         model, card = get(name)
         role = card["meta"].get("role", "flow")
+        times = None
+        if schedule == "bellman":  # the flow's own BOSS grid for K = steps (a ModelError naming the file)
+            assert steps is not None
+            times = schedule_times(layout.model(name), steps, card["meta"].get("sha256"))
         with torch.inference_mode():
-            sol = solve(model, z0, solver, steps, rtol=e.rtol, atol=e.atol)
+            sol = solve(model, z0, solver, steps, times=times, rtol=e.rtol, atol=e.atol)
             x = sol.x.float()
             if role == "flow" and name not in straight:
                 straight[name] = metrics.straightness(model, z0, e.straightness_steps)
-            lat = metrics.latency_ms(lambda: solve(model, lat_noise, solver, steps, rtol=e.rtol, atol=e.atol), e.latency_batch)
+            lat = metrics.latency_ms(
+                lambda: solve(model, lat_noise, solver, steps, times=times, rtol=e.rtol, atol=e.atol), e.latency_batch
+            )
         row = {
-            "model": name, "solver": solver, "nfe": int(sol.nfe),
+            "model": name, "solver": solver, "schedule": schedule, "nfe": int(sol.nfe),
             "w2": metrics.w2(x, ref), "mmd": metrics.mmd(x, ref, e.mmd_bandwidth),
             "straightness": straight.get(name), "transport_cost": metrics.transport_cost(z0, x),
             "latency_ms": lat, "params": count_params(build_model(card["arch"])),
@@ -110,10 +130,13 @@ def run(p: Params, layout: Layout) -> dict:
         if images:
             from rectflow.imaging import save_grid_png
 
-            firsts[(name, solver, row["nfe"])] = x[:64].cpu()
-            save_grid_png(x[:64].cpu().numpy(), layout.plots / "samples" / f"{name}-{solver}-nfe{row['nfe']}.png", scale=3)
+            if schedule != "bellman":
+                firsts[(name, solver, row["nfe"])] = x[:64].cpu()
+            png = layout.plots / "samples" / f"{name}-{solver}-nfe{row['nfe']}{row_tag(row)}.png"
+            save_grid_png(x[:64].cpu().numpy(), png, scale=3)
         rows.append(row)
-        print(f"[evaluate] {name:>16} {solver:>8} nfe={row['nfe']:>4} w2={row['w2']:.4f}", file=sys.stderr, flush=True)
+        print(f"[evaluate] {name:>16} {solver + row_tag(row):>16} nfe={row['nfe']:>4} w2={row['w2']:.4f}",
+              file=sys.stderr, flush=True)
     atomic_write_json(layout.metrics / "eval.json", {"rows": rows})
     summary = _summary(p, layout, rows, z0, ref)
     _plots(p, layout, rows, groups, z0)
@@ -152,11 +175,13 @@ def _summary(p: Params, layout: Layout, rows: list[dict], z0: torch.Tensor, ref:
     from rectflow.pairs import read_manifest
 
     def pick(model: str, solver: str, nfe: int | None = None) -> dict | None:
-        return next((r for r in rows if r["model"] == model and r["solver"] == solver and (nfe is None or r["nfe"] == nfe)), None)
+        """The first row of ``model`` with ``solver`` (at ``nfe``) on the uniform grid (or adaptive)."""
+        return next((r for r in rows if r["model"] == model and r["solver"] == solver and not row_tag(r)
+                     and (nfe is None or r["nfe"] == nfe)), None)
 
     out: dict[str, Any] = {}
     for r in rows:
-        out[f"w2/{r['model']}/{r['solver']}/{r['nfe']}"] = round(r["w2"], 5)
+        out[f"w2/{r['model']}/{r['solver']}{row_tag(r)}/{r['nfe']}"] = round(r["w2"], 5)
     last = f"rf{p.reflow.rounds + 1}"
     teacher, student = pick("rf1", "euler", 100), pick("distilled", "euler", 1)
     if teacher and student:
@@ -176,17 +201,39 @@ def _summary(p: Params, layout: Layout, rows: list[dict], z0: torch.Tensor, ref:
 
 
 def _plots(p: Params, layout: Layout, rows: list[dict], groups: dict[str, list[str]], z0: torch.Tensor) -> None:
+    """``plots/nfe_w2.csv``: W2 against Euler NFE, one column per flow (uniform steps), then one per
+    flow evaluated on its BOSS schedule (``rf1-bellman``, …; only when such rows exist)."""
     flows = groups["flows"]
-    by = {(r["model"], r["nfe"]): r["w2"] for r in rows if r["solver"] == "euler" and r["model"] in flows}
+    by = {(r["model"] + row_tag(r), r["nfe"]): r["w2"] for r in rows if r["solver"] == "euler" and r["model"] in flows}
+    columns = flows + [f"{m}-bellman" for m in flows if any(c == f"{m}-bellman" for c, _ in by)]
     nfes = sorted({nfe for (_, nfe) in by})
     with atomic_path(layout.plots / "nfe_w2.csv") as tmp:
         with open(tmp, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["nfe", *flows])
+            w.writerow(["nfe", *columns])
             for nfe in nfes:
-                w.writerow([nfe, *[by.get((m, nfe), "") for m in flows]])
-    if tuple(z0.shape[1:]) == (2,):
+                w.writerow([nfe, *[by.get((m, nfe), "") for m in columns]])
+    if z0.ndim == 4:
+        _image_trajectory_png(layout, [flows[0], flows[-1]], z0[:8])
+    else:
         _trajectory_png(p, layout, [flows[0], flows[-1]], z0[:300])
+
+
+def _image_trajectory_png(layout: Layout, names: list[str], z0: torch.Tensor, columns: int = 6) -> None:
+    """``plots/trajectories.png`` for images: per flow, each row one sample's 100-step Euler path
+    shown at ``columns`` evenly spaced times t = 0 … 1 (left to right), flows side by side."""
+    from rectflow.imaging import side_by_side_png
+
+    panels = []
+    idx = torch.linspace(0, 100, columns).round().long()
+    for name in names:
+        model, _ = load_model(layout.model(name), z0.device)
+        with torch.inference_mode():
+            traj = solve(model, z0, "euler", 100, trajectory=True).trajectory  # (101, n, c, h, w)
+        assert traj is not None
+        strip = traj[idx].transpose(0, 1).reshape(-1, *z0.shape[1:])  # row i: sample i at each time
+        panels.append((f"{name}: t = 0 -> 1, Euler 100", strip.float().cpu().numpy()))
+    side_by_side_png(panels, layout.plots / "trajectories.png", nrow=columns, scale=3)
 
 
 def _trajectory_png(p: Params, layout: Layout, names: list[str], z0: torch.Tensor) -> None:
@@ -196,15 +243,23 @@ def _trajectory_png(p: Params, layout: Layout, names: list[str], z0: torch.Tenso
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 5), squeeze=False)
+    z0 = z0.reshape(len(z0), -1)
+    dim = z0.shape[1]
     for ax, name in zip(axes[0], names):
         model, _ = load_model(layout.model(name), z0.device)
         with torch.inference_mode():
             traj = solve(model, z0, "euler", 100, trajectory=True).trajectory.cpu().numpy()  # type: ignore[union-attr]
-        ax.plot(traj[:, :, 0], traj[:, :, 1], color="0.6", lw=0.4, alpha=0.6)
-        ax.scatter(traj[0, :, 0], traj[0, :, 1], s=3, c="tab:blue", label="Z0 (t = 0)")
-        ax.scatter(traj[-1, :, 0], traj[-1, :, 1], s=3, c="tab:red", label="Z1 (t = 1)")
-        ax.set_title(f"{name}: 100-step Euler trajectories")
-        ax.set_aspect("equal")
+        if dim == 1:  # x against t
+            xs, ys = np.broadcast_to(np.linspace(0, 1, len(traj))[:, None], traj[:, :, 0].shape), traj[:, :, 0]
+        else:  # the first two coordinates (all of them for 2D data)
+            xs, ys = traj[:, :, 0], traj[:, :, 1]
+        ax.plot(xs, ys, color="0.6", lw=0.4, alpha=0.6)
+        ax.scatter(xs[0], ys[0], s=3, c="tab:blue", label="Z0 (t = 0)")
+        ax.scatter(xs[-1], ys[-1], s=3, c="tab:red", label="Z1 (t = 1)")
+        what = "" if dim == 2 else (" (x against t)" if dim == 1 else f" (coordinates 0, 1 of {dim})")
+        ax.set_title(f"{name}: 100-step Euler trajectories{what}")
+        if dim == 2:
+            ax.set_aspect("equal")
         ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     with atomic_path(layout.plots / "trajectories.png") as tmp:

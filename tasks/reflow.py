@@ -2,7 +2,8 @@
 
 Round r (r = 1 … ``reflow.rounds``) trains ``rf{r+1}`` on ``data/couplings/round-r`` (pairs streamed
 from the shards in shuffled order) starting from ``rf{r}``'s weights, then couples round r + 1 from
-``rf{r+1}``: the pairs that the next round, or distillation, learns from.
+``rf{r+1}``: the pairs that the next round, or distillation, learns from. Every ``rf{r+1}`` gets its
+BOSS step schedules beside it (``models/rf{r+1}.schedule.json``, section ``bellman``).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from rectflow.config import Params
 from rectflow.layout import Layout
 from rectflow.nets import build_model, load_state
-from tasks._common import device, model_sha, open_pairs, rank_world, train_and_save
+from tasks._common import device, model_sha, open_pairs, rank_world, save_flow_schedule, train_and_save
 from tasks.couple import run_round
 
 
@@ -26,11 +27,15 @@ def train_on_pairs(p: Params, layout: Layout, round_k: int) -> dict:
     batches = open_pairs(p, layout, round_k, seed=p.seed + round_k, dev=dev)  # local copy, else S3
     man = batches.man
     inputs = {parent: model_sha(layout, parent), f"round-{round_k}": man["fingerprint"]}
-    return train_and_save(
-        p=p, layout=layout, name=f"rf{round_k + 1}", model=model, arch=card["arch"], batches=batches,
+    name = f"rf{round_k + 1}"
+    record = train_and_save(
+        p=p, layout=layout, name=name, model=model, arch=card["arch"], batches=batches,
         cfg=p.reflow, seed=p.seed + round_k, inputs=inputs, dev=dev,
         meta={"role": "flow", "round": round_k + 1, "parent": parent, "pairs": batches.n_pairs},
     )
+    if rank_world()[0] == 0:  # rank 0 saved the model: its BOSS schedules go beside it
+        record |= save_flow_schedule(p, layout, name, dev)
+    return record
 
 
 def run(p: Params, layout: Layout) -> dict:

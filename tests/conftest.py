@@ -20,7 +20,8 @@ TINY = [
     "reflow.steps=100", "reflow.batch_size=256", "reflow.checkpoint_every=50", "reflow.log_every=25",
     "distill.steps=100", "distill.batch_size=256", "distill.checkpoint_every=50", "distill.log_every=25",
     "evaluate.n_samples=300", "evaluate.latency_batch=128",
-    "evaluate.grid=[{models: flows, solver: euler, steps: [1, 4]}, {models: students, solver: euler}]",
+    "evaluate.grid=[{models: flows, solver: euler, steps: [1, 4]}, {models: flows, solver: euler, steps: [2], "
+    "schedule: bellman}, {models: students, solver: euler}]",
 ]
 
 

@@ -339,7 +339,8 @@ def test_flipped_byte_in_a_shard_is_refused_then_repaired(tmp_path_factory, tiny
 
 def test_nan_loss_from_a_huge_learning_rate_stops_with_the_step_named(tmp_path_factory, tiny_overrides, tmp_path):
     ws = copy_base("coupled", tmp_path_factory, tiny_overrides, tmp_path / "ws")
-    for f in ("models/rf1.safetensors", "models/rf1.json", "metrics/pretrain.json", "plots/train/rf1.csv"):
+    for f in ("models/rf1.safetensors", "models/rf1.json", "models/rf1.schedule.json", "metrics/pretrain.json",
+              "plots/train/rf1.csv"):
         (ws / f).unlink()
     before = snapshot(ws)
     r = cli(ws, ["stage", "pretrain", *sets(tiny_overrides + ["pretrain.lr=1e30"])])

@@ -51,3 +51,37 @@ def test_params_are_frozen():
     p = Params()
     with pytest.raises(Exception):
         p.pretrain.steps = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "doc,needle",
+    [
+        ({"couple": {"schedule": "bellman"}}, "couple.schedule: 'bellman' needs a fixed-step solver"),  # rk45 default
+        ({"couple": {"schedule": "bellman", "solver": "rk45"}}, "couple.schedule"),
+        ({"couple": {"schedule": "boss"}}, "couple.schedule"),
+        ({"evaluate": {"grid": [{"models": "flows", "solver": "rk45", "schedule": "bellman"}]}},
+         "evaluate.grid.0: Value error, schedule: 'bellman' needs a fixed-step solver"),
+        ({"evaluate": {"grid": [{"models": "flows", "solver": "euler", "schedule": "bellman"}]}}, "explicit steps"),
+        ({"evaluate": {"grid": [{"models": "students", "solver": "euler", "steps": [1], "schedule": "bellman"}]}},
+         "flows only"),
+        ({"couple": {"schedule": "bellman", "solver": "euler", "steps": 101}}, "couple.steps: 101 > bellman.grid_points"),
+        ({"evaluate": {"grid": [{"models": "flows", "solver": "euler", "steps": [2, 50], "schedule": "bellman"}]},
+          "bellman": {"grid_points": 20}}, "evaluate.grid.0.steps: 50 > bellman.grid_points (20)"),
+        ({"bellman": {"grid_points": 1}}, "bellman.grid_points"),
+        ({"bellman": {"n_samples": 0}}, "bellman.n_samples"),
+        ({"bellman": {"samples": 10}}, "bellman.samples: unknown key"),
+    ],
+)
+def test_bellman_schedule_settings_are_checked(doc, needle):
+    with pytest.raises(ParamsError) as e:
+        validate(doc, "params.yaml")
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_bellman_schedule_settings_accepted():
+    p = validate({"couple": {"schedule": "bellman", "solver": "heun", "steps": 8},
+                  "evaluate": {"grid": [{"models": ["rf2"], "solver": "midpoint", "steps": [3], "schedule": "bellman"}]}})
+    assert p.couple.schedule == "bellman" and p.evaluate.grid[0].schedule == "bellman"
+    assert Params().bellman.grid_points == 100 and Params().bellman.n_samples == 1024
+    assert any(e.schedule == "bellman" and e.steps == [2, 4, 8] for e in Params().evaluate.grid)

@@ -63,7 +63,7 @@ def test_couple_on_two_dask_workers_writes_the_same_shards_as_one(trained: Path,
 
 def test_pretrain_under_torchrun_two_ranks_identical_weights_one_checkpoint(trained: Path, tmp_path: Path) -> None:
     ws = copy_workspace(trained, tmp_path / "ddp")
-    for f in ("models/rf1.safetensors", "models/rf1.json", "metrics/pretrain.json"):
+    for f in ("models/rf1.safetensors", "models/rf1.json", "models/rf1.schedule.json", "metrics/pretrain.json"):
         (ws / f).unlink()
     # 60 steps, a checkpoint every 40: exactly one checkpoint is due (at step 40).
     r = _stage(ws, tmp_path, "pretrain", [*OVERRIDES, "pretrain.nproc=2"])
@@ -81,7 +81,8 @@ def test_pretrain_under_torchrun_two_ranks_identical_weights_one_checkpoint(trai
 
     saved, _card = load_model(ws / "models/rf1", torch.device("cpu"))
     assert weights_sha256(saved) == a  # ... and they are the weights rank 0 saved
-    assert sorted(p.name for p in (ws / "models").iterdir()) == ["rf1.json", "rf1.safetensors"]
+    assert sorted(p.name for p in (ws / "models").iterdir()) == ["rf1.json", "rf1.safetensors", "rf1.schedule.json"]
+    assert json.loads((ws / "models/rf1.schedule.json").read_text())["meta"]["model_sha256"] == rec["sha256"]  # rank 0's
     assert list((ws / ".rectflow/checkpoints/rf1").iterdir()) == []  # removed once the model is saved
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
     assert len(lines) == 1 and json.loads(lines[0])["sha256"] == rec["sha256"]  # one summary, the launcher's

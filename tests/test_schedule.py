@@ -10,12 +10,14 @@ import torch
 from rectflow.nets import ModelError
 from rectflow.schedule import (
     bellman_path,
+    bellman_paths,
     bellman_schedule,
     bellman_schedules,
     load_schedule,
     path_cost,
     save_schedule,
     schedule_path,
+    schedule_times,
     step_costs,
 )
 from rectflow.solvers import solve, uniform_grid
@@ -156,3 +158,39 @@ def test_inference_mode_and_float32_model():
     times = bellman_schedule(field, z, 3, grid_points=20)
     valid(times, 3)
     assert times.dtype == torch.float64 and not times.requires_grad
+
+
+def test_one_pass_dp_equals_the_per_k_dp():
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 32), torch.nn.Tanh(), torch.nn.Linear(32, 2)).double()
+
+    def field(z, t):
+        return 3 * net(torch.cat([z, t[:, None]], 1))
+
+    n = 40
+    c = step_costs(field, Z0, n)
+    every = bellman_paths(c, range(1, n + 1))
+    assert sorted(every) == list(range(1, n + 1))
+    for k in range(1, n + 1):
+        path, total = bellman_path(c, k)
+        assert every[k][0] == path and every[k][1] == pytest.approx(total, rel=1e-12, abs=1e-15)
+    assert bellman_paths(c, [5, 2]) == {2: every[2], 5: every[5]}
+    with pytest.raises(ValueError, match="k"):
+        bellman_paths(c, [3, n + 1])
+    # bellman_schedules reads its grids off the same single pass
+    scheds = bellman_schedules(field, Z0, [1, 7, n], grid_points=n)
+    grid = uniform_grid(n)
+    for k in (1, 7, n):
+        torch.testing.assert_close(scheds[k], grid[every[k][0]])
+
+
+def test_schedule_times_names_the_file_for_a_missing_k_or_other_weights(tmp_path):
+    stem = tmp_path / "rf1"
+    save_schedule(stem, {1: [0.0, 1.0], 2: [0.0, 0.3, 1.0]}, meta={"model_sha256": "a" * 64})
+    torch.testing.assert_close(schedule_times(stem, 2, "a" * 64), torch.tensor([0.0, 0.3, 1.0], dtype=torch.float64))
+    with pytest.raises(ModelError, match=r"rf1.schedule.json: no schedule for K = 4 \(it has K = 1 … 2\)"):
+        schedule_times(stem, 4)
+    with pytest.raises(ModelError, match="rf1.schedule.json: made for other weights"):
+        schedule_times(stem, 2, "b" * 64)
+    with pytest.raises(ModelError, match="nothing.schedule.json: no step schedule"):
+        schedule_times(tmp_path / "nothing", 2)
