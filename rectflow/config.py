@@ -260,7 +260,9 @@ def _image_budget() -> dict[str, dict[str, Any]]:
     return {
         "pretrain": {"steps": 4000, "batch_size": 128, "lr": 5e-4, "precision": "bf16"},
         "couple": {"n_pairs": 10_000, "shard_size": 2500, "batch_size": 2500, "solver": "euler", "steps": 100},
-        "reflow": {"steps": 3000, "batch_size": 128, "lr": 2e-4, "precision": "bf16"},
+        # U-shaped p(t) and pseudo-Huber: the best 2-RF on digits (BENCHMARKS.md, reflow ablation)
+        "reflow": {"steps": 3000, "batch_size": 128, "lr": 2e-4, "precision": "bf16",
+                   "time_dist": "u_shaped", "loss": "pseudo_huber"},
         "distill": {"steps": 3000, "batch_size": 128, "lr": 1e-4, "precision": "bf16"},
         "evaluate": {"n_samples": 1000, "latency_batch": 256},
         "bellman": {"n_samples": 256},
