@@ -254,23 +254,12 @@ def run(cfg: AblationConfig, quick: bool, workspace: Path | None, work_dir: Path
 
 
 def train_rf2(p, lay) -> dict[str, Any]:
-    """rf2 from round 1's pairs, initialised from rf1: what :func:`tasks.reflow.train_on_pairs` does for
-    round 1 (same seeds, inputs, checkpoint fingerprint and model card), without the BOSS schedule the
-    pipeline also saves beside the flow (not part of this ablation, and not of its training time)."""
-    from rectflow.nets import build_model, load_state, read_model_card
-    from tasks._common import device, model_sha, open_pairs, train_and_save
+    """rf2 from round 1's pairs, initialised from rf1: the pipeline's own :func:`tasks.reflow.train_on_pairs`
+    (same seeds, inputs, checkpoint fingerprint and model card), without the BOSS schedule the pipeline
+    also saves beside the flow (not part of this ablation, nor of its training time)."""
+    from tasks.reflow import train_on_pairs
 
-    dev = device()
-    card = read_model_card(lay.model("rf1"))
-    model = build_model(card["arch"])
-    model.load_state_dict(load_state(lay.model("rf1")))
-    batches = open_pairs(p, lay, 1, seed=p.seed + 1, dev=dev)
-    inputs = {"rf1": model_sha(lay, "rf1"), "round-1": batches.man["fingerprint"]}
-    return train_and_save(
-        p=p, layout=lay, name="rf2", model=model, arch=card["arch"], batches=batches, cfg=p.reflow,
-        seed=p.seed + 1, inputs=inputs, dev=dev,
-        meta={"role": "flow", "round": 2, "parent": "rf1", "pairs": batches.n_pairs},
-    )
+    return train_on_pairs(p, lay, 1, schedule=False)
 
 
 def run_cell(ws: Path, work_dir: Path, p, td: str, loss: str, seed: int, cfg: AblationConfig, z0, scorer,

@@ -15,8 +15,9 @@ from tasks._common import device, model_sha, open_pairs, rank_world, save_flow_s
 from tasks.couple import run_round
 
 
-def train_on_pairs(p: Params, layout: Layout, round_k: int) -> dict:
-    """rf{round_k + 1} from round ``round_k``'s pairs, initialised from rf{round_k}."""
+def train_on_pairs(p: Params, layout: Layout, round_k: int, schedule: bool = True) -> dict:
+    """rf{round_k + 1} from round ``round_k``'s pairs, initialised from rf{round_k}; with
+    ``schedule`` also its BOSS schedules beside it (the pipeline always; a benchmark may skip them)."""
     dev = device()
     parent = f"rf{round_k}"
     from rectflow.nets import read_model_card
@@ -33,7 +34,7 @@ def train_on_pairs(p: Params, layout: Layout, round_k: int) -> dict:
         cfg=p.reflow, seed=p.seed + round_k, inputs=inputs, dev=dev,
         meta={"role": "flow", "round": round_k + 1, "parent": parent, "pairs": batches.n_pairs},
     )
-    if rank_world()[0] == 0:  # rank 0 saved the model: its BOSS schedules go beside it
+    if schedule and rank_world()[0] == 0:  # rank 0 saved the model: its BOSS schedules go beside it
         record |= save_flow_schedule(p, layout, name, dev)
     return record
 
