@@ -125,8 +125,9 @@ def _in_process_stage(stage: Any) -> str | None:
     if name in ("couple", "reflow"):
         from rectflow.config import load_params
 
-        c = load_params(Path(stage.wdir) / PARAMS_FILE).couple
-        if c.workers > 1 or c.dask_address or os.environ.get("RECTFLOW_DASK_ADDRESS"):
+        from tasks.couple import uses_dask
+
+        if uses_dask(load_params(Path(stage.wdir) / PARAMS_FILE).couple):
             return None
     return name
 

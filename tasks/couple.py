@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rectflow.config import Params
+from rectflow.config import CoupleParams, Params
 from rectflow.data import Distribution, load_prepared
 from rectflow.io import atomic_write_json, file_sha256, read_json
 from rectflow.layout import Layout
@@ -41,6 +41,12 @@ def shard_seed(seed: int, round_k: int, index: int) -> int:
     """The seed of shard ``index`` of round ``round_k``: independent of worker count and order."""
     h = hashlib.sha256(f"rectflow-couple:{seed}:{round_k}:{index}".encode()).digest()
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def uses_dask(c: CoupleParams) -> bool:
+    """Whether shards are made on Dask: ``couple.workers`` > 1, ``couple.dask_address``, or
+    ``RECTFLOW_DASK_ADDRESS`` set."""
+    return c.workers > 1 or bool(c.dask_address or os.environ.get("RECTFLOW_DASK_ADDRESS"))
 
 
 def shard_rows(n_pairs: int, shard_size: int) -> list[int]:
@@ -140,7 +146,7 @@ def run_round(p: Params, layout: Layout, round_k: int) -> dict:
     ones; a finished round that was damaged afterwards is repaired the same way.
     """
     c = p.couple
-    use_dask = c.workers > 1 or bool(c.dask_address or os.environ.get("RECTFLOW_DASK_ADDRESS"))
+    use_dask = uses_dask(c)
     if use_dask:
         try:
             from tasks.couple_dask import generate_on_dask  # optional: needs dask
