@@ -118,8 +118,28 @@ class PretrainParams(TrainParams):
     )
 
 
+class ReflowedCoupleParams(Section):
+    """How the pairs of the reflowed flows (rf2, rf3, …: coupling rounds ≥ 2) differ from round 1's.
+
+    The reflow stage couples each flow it trains, for the next round or for distillation. Those
+    flows are nearly straight (FD of rf2 on digits: 1.40 with 20 BOSS steps in bf16 against 1.37 with
+    100 uniform steps in fp32), so their pairs can be made with fewer steps, in bf16, and in greater
+    number for the same time. A null key takes the ``couple`` value.
+    """
+
+    n_pairs: PosInt | None = None
+    solver: SolverName | None = None
+    steps: PosInt | None = None
+    precision: Precision | None = None
+    schedule: ScheduleName | None = None
+
+
 class CoupleParams(Section):
-    """Pairs (Z0, Z1 = ODE(Z0)) of the current flow, streamed to Parquet shards."""
+    """Pairs (Z0, Z1 = ODE(Z0)) of the current flow, streamed to Parquet shards.
+
+    Round 1 (``rf1``'s pairs) uses these values; rounds ≥ 2 replace the non-null keys of
+    ``reflowed`` (:meth:`for_round`).
+    """
 
     n_pairs: PosInt = 50_000
     shard_size: PosInt = 10_000
@@ -139,12 +159,30 @@ class CoupleParams(Section):
         "cluster of `workers` processes. RECTFLOW_DASK_ADDRESS wins over it."
     )
 
+    reflowed: ReflowedCoupleParams = Field(
+        default_factory=ReflowedCoupleParams,
+        description="Rounds ≥ 2 (pairs of rf2, rf3, …): n_pairs, solver, steps, precision, schedule; null: as above.",
+    )
+
     @model_validator(mode="after")
     def _schedule_needs_fixed_steps(self) -> CoupleParams:
         if self.schedule == "bellman" and self.solver == "rk45":
             raise ValueError("couple.schedule: 'bellman' needs a fixed-step solver (euler, heun, midpoint), "
                              "got couple.solver 'rk45'")
+        later = self.for_round(2)
+        if later.schedule == "bellman" and later.solver == "rk45":
+            raise ValueError("couple.reflowed.schedule: 'bellman' needs a fixed-step solver (euler, heun, "
+                             "midpoint), got solver 'rk45' for rounds ≥ 2")
         return self
+
+    def for_round(self, round_k: int) -> CoupleParams:
+        """The settings of coupling round ``round_k``: these for round 1; for later rounds, these with
+        the non-null keys of ``reflowed`` in place (``reflowed`` itself emptied)."""
+        if round_k <= 1:
+            return self
+        override = self.reflowed.model_dump(exclude_none=True)
+        fields = self.model_dump(exclude={"reflowed"}) | override
+        return CoupleParams.model_construct(**fields, reflowed=ReflowedCoupleParams())
 
 
 class ReflowParams(TrainParams):
@@ -259,7 +297,10 @@ _SECTION_CLASSES: dict[str, type[Section]] = {
 def _image_budget() -> dict[str, dict[str, Any]]:
     return {
         "pretrain": {"steps": 4000, "batch_size": 128, "lr": 5e-4, "precision": "bf16"},
-        "couple": {"n_pairs": 10_000, "shard_size": 2500, "batch_size": 2500, "solver": "euler", "steps": 100},
+        # Round 1 (the curved rf1) needs 100 fp32 steps; the nearly straight rf2 is coupled 4× as
+        # many times in less time (BENCHMARKS.md, "More pairs for distillation on digits").
+        "couple": {"n_pairs": 10_000, "shard_size": 2500, "batch_size": 2500, "solver": "euler", "steps": 100,
+                   "reflowed": {"n_pairs": 40_000, "steps": 20, "precision": "bf16", "schedule": "bellman"}},
         # U-shaped p(t) and pseudo-Huber: the best 2-RF on digits (BENCHMARKS.md, reflow ablation)
         "reflow": {"steps": 3000, "batch_size": 128, "lr": 2e-4, "precision": "bf16",
                    "time_dist": "u_shaped", "loss": "pseudo_huber"},
@@ -319,6 +360,10 @@ class Params(Section):
         if self.couple.schedule == "bellman" and self.couple.steps > top:
             raise ValueError(f"couple.steps: {self.couple.steps} > bellman.grid_points ({top}), the largest K "
                              "of a saved BOSS schedule (couple.schedule is 'bellman')")
+        later = self.couple.for_round(2)
+        if later.schedule == "bellman" and later.steps > top:
+            raise ValueError(f"couple.reflowed: {later.steps} steps > bellman.grid_points ({top}), the largest K "
+                             "of a saved BOSS schedule (rounds ≥ 2 use schedule 'bellman')")
         for i, e in enumerate(self.evaluate.grid):
             if e.schedule == "bellman" and e.steps and max(e.steps) > top:
                 raise ValueError(f"evaluate.grid.{i}.steps: {max(e.steps)} > bellman.grid_points ({top}), the "
@@ -332,11 +377,26 @@ class Params(Section):
         updates: dict[str, Any] = {}
         for section, values in self.images.model_dump().items():
             current = getattr(self, section)
-            fields = type(current).model_fields
-            changes = {k: v for k, v in values.items() if getattr(current, k) == fields[k].get_default(call_default_factory=True)}
+            changes = _budget_changes(current, values)
             if changes:
                 updates[section] = type(current).model_validate(current.model_dump() | changes)
         return self.model_copy(update=updates)
+
+
+def _budget_changes(current: Section, values: dict[str, Any]) -> dict[str, Any]:
+    """The keys of an ``images`` budget that apply to ``current``: those still at their built-in
+    default, key by key inside a nested section (``couple.reflowed``)."""
+    fields = type(current).model_fields
+    changes: dict[str, Any] = {}
+    for k, v in values.items():
+        now = getattr(current, k)
+        if isinstance(now, Section) and isinstance(v, dict):
+            inner = _budget_changes(now, v)
+            if inner:
+                changes[k] = now.model_dump() | inner
+        elif now == fields[k].get_default(call_default_factory=True):
+            changes[k] = v
+    return changes
 
 
 def target_is_images(data: DataParams) -> bool:

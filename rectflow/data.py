@@ -212,7 +212,7 @@ class Distribution:
         if self.data is None:
             return torch.randn((n, *self.shape), generator=generator)
         idx = torch.randint(0, len(self.data), (n,), generator=generator)
-        return self.data[idx]
+        return self.data.index_select(0, idx)
 
     def to(self, device: torch.device | str) -> Distribution:
         return Distribution(self.shape, None if self.data is None else self.data.to(device))

@@ -79,10 +79,15 @@ def pseudo_huber(pred: Tensor, target: Tensor, c: float) -> Tensor:
 
 
 def loss_fn(kind: str, dim: int, c: float | None = None):
-    """The distance D as a function ``(pred, target) -> (B,)``."""
+    """The batch loss E_B[D(pred, target)] as a function ``(pred, target) -> ()``.
+
+    ``l2``: the mean of :func:`squared_l2` over the batch, which (every sample having the same D
+    dimensions) is the mean over all elements: one fused kernel, forward and backward.
+    ``pseudo_huber``: the mean of :func:`pseudo_huber`.
+    """
     if kind == "l2":
-        return squared_l2
+        return torch.nn.functional.mse_loss
     if kind == "pseudo_huber":
         cc = default_huber_c(dim) if c is None else c
-        return lambda pred, target: pseudo_huber(pred, target, cc)
+        return lambda pred, target: pseudo_huber(pred, target, cc).mean()
     raise ValueError(f"loss: unknown {kind!r}; expected 'l2' or 'pseudo_huber'")

@@ -77,6 +77,17 @@ def weights_sha256(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> None:
+    """Scale the gradients so that their global L2 norm is at most ``max_norm`` (as
+    ``torch.nn.utils.clip_grad_norm_``, in four kernels and no host sync: the per-step cost counts
+    for small networks)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp_(max=1.0))
+
+
 def _rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -152,7 +163,10 @@ def train(
     step = 0
     history: list[dict[str, float]] = []
     ckpt = checkpoint_dir / "last.pt"
+    # The log window: each step's loss goes into ``window[n_acc]`` (no host sync); ``loss_acc`` is
+    # the sum carried over from before a resume or a checkpoint within the window.
     loss_acc = torch.zeros((), device=device)
+    window = torch.zeros(cfg.log_every, device=device)
     n_acc = 0
     if rank == 0:
         # A kill during a save leaves its temporary file behind (never the final name): drop it.
@@ -200,7 +214,11 @@ def train(
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     tdist = time_dist or cfg.time_dist
     distance = None
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    # The per-step work besides forward/backward/step is kept to a few kernels with no host sync: the
+    # EMA sources are detached once, the learning rate is written only while it changes, and a NaN
+    # or inf loss is caught through the log window's running sum (checked at every log and
+    # checkpoint, before anything is saved) rather than with a flag updated every step.
+    ema_src = [p.detach() for p in params]
     progress = _Progress(name, cfg.steps, step) if rank == 0 else None
     t_start = time.perf_counter()
     t_last, samples_since = t_start, 0
@@ -211,6 +229,8 @@ def train(
         gens = [gen.get_state()]
         rngs = [torch.get_rng_state()]
         bstates = [batches.state_dict()]
+        loss_acc.add_(window[:n_acc].sum())  # fold the window so far into the carried sum
+        window.zero_()
         if world > 1:
             # The log window in progress is kept as its mean over ranks (what the log will show),
             # so every rank resumes from the same value.
@@ -235,19 +255,21 @@ def train(
             )
 
     def check_finite() -> None:
+        # The window holds the losses of steps step − n_acc + 1 … step (those folded into
+        # loss_acc at a checkpoint were checked before it).
+        bad_at = ~torch.isfinite(window[: max(n_acc, 1)])
+        bad_at[0] &= n_acc > 0  # an empty window (just logged): nothing to check
+        first = torch.where(bad_at.any(), bad_at.to(torch.int8).argmax() + (step - n_acc + 1), cfg.steps + 1)
         if world > 1:  # the first bad step on any rank, so that every rank stops together
-            any_bad = torch.where(first_bad < 0, torch.full_like(first_bad, cfg.steps + 1), first_bad)
-            dist.all_reduce(any_bad, op=dist.ReduceOp.MIN)
-            bad = int(any_bad) if int(any_bad) <= cfg.steps else -1
-        else:
-            bad = int(first_bad)
-        if bad >= 0:
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        bad = int(first)
+        if bad <= cfg.steps:
             if progress:
                 progress.close()
             kept = (f"the last good checkpoint ({ckpt}, step {saved_step}) is left intact"
                     if saved_step is not None else "no checkpoint had been written yet")
             raise NonFiniteLossError(
-                f"{name}: loss became NaN or infinite at step {bad + 1}/{cfg.steps}; nothing was saved "
+                f"{name}: loss became NaN or infinite at step {bad}/{cfg.steps}; nothing was saved "
                 f"from it and {kept}. Lower the learning rate or check the data."
             )
 
@@ -257,22 +279,22 @@ def train(
             distance = loss_fn(cfg.loss, math.prod(x0.shape[1:]), cfg.huber_c)
         t = sample_time(tdist, x0.shape[0], gen, device, k=k)
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup > 0 else cfg.lr
-        for g in opt.param_groups:
-            g["lr"] = lr
+        if step <= cfg.warmup or step == resumed_from:  # constant after the warm-up
+            for g in opt.param_groups:
+                g["lr"] = lr
         with autocast:
             pred = net(interpolate(x0, x1, t), t)
-        loss = distance(pred.float(), (x1 - x0).float()).mean()
+        loss = distance(pred.float(), (x1 - x0).float())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
+            clip_grad_norm(params, cfg.grad_clip)
         opt.step()
         if ema is not None:
             decay = min(cfg.ema, (1 + step) / (10 + step))
             with torch.no_grad():
-                torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
-        loss_acc += loss.detach()
+                torch._foreach_lerp_(ema, ema_src, 1 - decay)
+        window[n_acc] = loss.detach()
         n_acc += 1
         step += 1
         samples_since += x0.shape[0]
@@ -281,8 +303,11 @@ def train(
             now = time.perf_counter()
             rate = samples_since * world / max(now - t_last, 1e-9)
             if world > 1:
+                loss_acc.add_(window[:n_acc].sum())
                 dist.all_reduce(loss_acc)
                 loss_acc.div_(world)
+            else:
+                loss_acc.add_(window[:n_acc].sum())
             last_loss = float(loss_acc) / n_acc
             history.append({"step": step, "loss": last_loss, "lr": lr, "samples_per_s": rate})
             loss_acc.zero_()

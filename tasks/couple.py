@@ -145,6 +145,7 @@ def run_round(p: Params, layout: Layout, round_k: int) -> dict:
     verifies each listed shard by sha256, keeps the good ones and makes only the missing or invalid
     ones; a finished round that was damaged afterwards is repaired the same way.
     """
+    p = p.model_copy(update={"couple": p.couple.for_round(round_k)})  # rounds ≥ 2: couple.reflowed applied
     c = p.couple
     use_dask = uses_dask(c)
     if use_dask:
@@ -169,7 +170,7 @@ def run_round(p: Params, layout: Layout, round_k: int) -> dict:
     # A uniform round keeps the fingerprint it had before schedules existed; a BOSS round adds its
     # grid, so a round made on another schedule (or another K) is never reused.
     grid = () if times is None else ({"schedule": "bellman", "times": [float(t) for t in times.tolist()]},)
-    fp = fingerprint(model_sha(layout, name), c.model_dump(mode="json", exclude={"workers", "dask_address", "schedule"}),
+    fp = fingerprint(model_sha(layout, name), c.model_dump(mode="json", exclude={"workers", "dask_address", "schedule", "reflowed"}),
                      p.seed, round_k, p.data.model_dump(mode="json"), *grid)
     remote = remote_round(p, layout, round_k)  # S3: checked now, before any work
     final, staging = layout.round_dir(round_k), layout.staging(f"couplings/round-{round_k}")

@@ -85,3 +85,40 @@ def test_bellman_schedule_settings_accepted():
     assert p.couple.schedule == "bellman" and p.evaluate.grid[0].schedule == "bellman"
     assert Params().bellman.grid_points == 100 and Params().bellman.n_samples == 1024
     assert any(e.schedule == "bellman" and e.steps == [2, 4, 8] for e in Params().evaluate.grid)
+
+
+def test_reflowed_rounds_take_their_own_couple_settings():
+    p = validate({"couple": {"n_pairs": 100, "solver": "euler", "steps": 50,
+                             "reflowed": {"n_pairs": 400, "steps": 8, "precision": "bf16", "schedule": "bellman"}}})
+    assert p.couple.for_round(1) is p.couple
+    r2 = p.couple.for_round(2)
+    assert (r2.n_pairs, r2.solver, r2.steps, r2.precision, r2.schedule) == (400, "euler", 8, "bf16", "bellman")
+    assert r2.shard_size == p.couple.shard_size and r2.reflowed == type(p.couple.reflowed)()
+    assert Params().couple.for_round(3) == Params().couple  # all null: every round as round 1
+
+
+@pytest.mark.parametrize(
+    "doc,needle",
+    [
+        ({"couple": {"reflowed": {"schedule": "bellman"}}}, "couple.reflowed.schedule: 'bellman' needs a fixed-step"),
+        ({"couple": {"solver": "euler", "reflowed": {"schedule": "bellman", "steps": 200}}},
+         "couple.reflowed: 200 steps > bellman.grid_points (100)"),
+        ({"couple": {"reflowed": {"stpes": 8}}}, "couple.reflowed.stpes: unknown key"),
+        ({"couple": {"reflowed": {"n_pairs": 0}}}, "couple.reflowed.n_pairs"),
+    ],
+)
+def test_reflowed_couple_settings_are_checked(doc, needle):
+    with pytest.raises(ParamsError) as e:
+        validate(doc, "params.yaml")
+    assert needle in str(e.value)
+
+
+def test_image_budget_fills_nested_keys_one_by_one():
+    """The images budget sets couple.reflowed key by key: a key the user set wins, the others apply."""
+    p = validate({"data": {"target": "digits"}, "couple": {"reflowed": {"steps": 30}}}).effective()
+    budget = Params().images.couple["reflowed"]
+    assert p.couple.reflowed.steps == 30
+    assert p.couple.reflowed.n_pairs == budget["n_pairs"] and p.couple.reflowed.precision == budget["precision"]
+    assert p.couple.steps == Params().images.couple["steps"]
+    moons = validate({"couple": {"reflowed": {"steps": 30}}}).effective()
+    assert moons.couple.reflowed.n_pairs is None  # vectors: no budget

@@ -93,3 +93,28 @@ def test_mmd_is_zero_on_identical_sets_and_grows_with_shift():
 def test_transport_cost():
     z0 = torch.zeros(10, 2)
     assert metrics.transport_cost(z0, z0 + torch.tensor([3.0, 4.0])) == pytest.approx(25.0)
+
+
+def test_batch_losses_are_the_batch_means_of_the_distances():
+    from rectflow.flow import loss_fn
+
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(7, 1, 4, 4, generator=g), torch.randn(7, 1, 4, 4, generator=g)
+    assert torch.allclose(loss_fn("l2", 16)(pred, target), squared_l2(pred, target).mean())
+    assert torch.allclose(loss_fn("pseudo_huber", 16, 0.1)(pred, target), pseudo_huber(pred, target, 0.1).mean())
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e3])
+def test_clip_grad_norm_matches_torch(scale):
+    from rectflow.train import clip_grad_norm
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(3, 5), torch.nn.Linear(3, 5)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(4, 3) * scale
+    for m in (a, b):
+        m(x).pow(2).sum().backward()
+    clip_grad_norm(list(a.parameters()), 1.0)
+    torch.nn.utils.clip_grad_norm_(list(b.parameters()), 1.0)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-6, atol=1e-9)

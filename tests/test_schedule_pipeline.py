@@ -179,3 +179,30 @@ def test_dask_worker_reads_the_schedule_from_the_workspace(ws: Path, tmp_path: P
     finally:
         couple_dask._WORKER_CACHE.clear()
         torch.set_num_threads(threads)
+
+
+def test_reflowed_rounds_use_couple_reflowed(ws: Path) -> None:
+    """Rounds ≥ 2 take ``couple.reflowed``'s keys; round 1 neither changes nor is remade by them."""
+    import shutil
+
+    from rectflow.cli import run_stage
+    from rectflow.config import load_params
+    from rectflow.layout import Layout
+    from rectflow.pairs import read_manifest
+    from tasks.couple import run_round
+
+    small = [*OVERRIDES, "couple.n_pairs=600", "couple.shard_size=300", "couple.batch_size=300", "couple.steps=4"]
+    later = ["couple.reflowed.n_pairs=900", "couple.reflowed.steps=2", "couple.reflowed.schedule=bellman"]
+    run_stage("couple", ws / "params.yaml", small, root=ws)
+    fp1 = read_manifest(ws / "data/couplings/round-1")["fingerprint"]
+    again = run_stage("couple", ws / "params.yaml", [*small, *later], root=ws)
+    assert again["shards_reused"] == 2 and read_manifest(ws / "data/couplings/round-1")["fingerprint"] == fp1
+
+    for suffix in (".safetensors", ".json", ".schedule.json"):  # rf1's weights stand in for an rf2
+        shutil.copy(ws / "models" / f"rf1{suffix}", ws / "models" / f"rf2{suffix}")
+    rec = run_round(load_params(ws / "params.yaml", [*small, *later]), Layout(ws), 2)
+    man = read_manifest(ws / "data/couplings/round-2")
+    assert man["n_pairs"] == 900 and len(man["shards"]) == 3 and rec["nfe_total"] == 2 * 3
+    assert man["solver"]["steps"] == 2 and man["solver"]["schedule"] == "bellman"
+    assert man["solver"]["times"] == load_schedule(ws / "models" / "rf2")[2].tolist()
+    assert read_manifest(ws / "data/couplings/round-1")["n_pairs"] == 600  # round 1 untouched
