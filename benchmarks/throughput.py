@@ -266,6 +266,18 @@ def markdown(data: dict[str, Any]) -> str:
         f"## 2. Throughput{f' ({tag})' if tag else ''}", "",
         f"Reproduce: `{data['command']}`", "",
         common.env_lines(env) + f" Load after: {common.load_line(data['environment_after']['loadavg'])}.", "",
+    ]
+    if data["couple"]:
+        lines += _couple_lines(data, cfg)
+    if data["training"]:
+        lines += _training_lines(data, cfg)
+    if data.get("notes"):
+        lines += [f"Note: {n}" for n in data["notes"]]
+    return "\n".join(lines).rstrip("\n")
+
+
+def _couple_lines(data: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    lines = [
         f"**couple** ({cfg['n_pairs']} pairs of a 1-RF on {cfg['target']} trained {cfg['pretrain_steps']} steps, "
         f"batch {cfg['couple_batch']}). Limit = forward samples/s of the same network at the same batch in the same "
         "process ÷ NFE per pair. `couple` = the stage's own pairs/s (solve + Parquet shards + manifest); "
@@ -280,7 +292,11 @@ def markdown(data: dict[str, Any]) -> str:
         ])
     lines += [common.md_table(["solver", "NFE/pair", "forward samples/s", "limit pairs/s", "couple pairs/s",
                                "couple / limit (≥ 90%)", "stage / limit", "1-min load before → after"], rows), ""]
-    lines += [
+    return lines
+
+
+def _training_lines(data: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    lines = [
         f"**Training** ({cfg['train_steps']} steps, best of {cfg['repeats']} interleaved runs). Bare loop: forward + "
         "MSE + backward + AdamW step on one fixed batch. rectflow: `rectflow.train.train` as the pretrain stage "
         "runs it (fresh Gaussian × moons pairs every step, p(t), warm-up, grad clipping, EMA, loss bookkeeping).", "",
@@ -292,10 +308,8 @@ def markdown(data: dict[str, Any]) -> str:
             f"{r['train_samples_per_s']:,.0f}", f"{100 * r['fraction_of_bare']:.1f}%", _loads(r),
         ])
     lines += [common.md_table(["MLP", "batch", "precision", "bare samples/s", "rectflow samples/s", "rectflow / bare (≥ 90%)",
-                               "1-min load before → after"], rows)]
-    if data.get("notes"):
-        lines += [""] + [f"Note: {n}" for n in data["notes"]]
-    return "\n".join(lines)
+                               "1-min load before → after"], rows), ""]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
