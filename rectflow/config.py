@@ -380,7 +380,12 @@ class Params(Section):
             changes = _budget_changes(current, values)
             if changes:
                 updates[section] = type(current).model_validate(current.model_dump() | changes)
-        return self.model_copy(update=updates)
+        eff = self.model_copy(update=updates)
+        try:  # the checks across sections, on the budgeted values (a BOSS K within bellman.grid_points)
+            eff._schedules_within_grid()
+        except ValueError as e:
+            raise ParamsError(f"{e} (with the images budget applied)") from None
+        return eff
 
 
 def _budget_changes(current: Section, values: dict[str, Any]) -> dict[str, Any]:

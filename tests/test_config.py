@@ -122,3 +122,8 @@ def test_image_budget_fills_nested_keys_one_by_one():
     assert p.couple.steps == Params().images.couple["steps"]
     moons = validate({"couple": {"reflowed": {"steps": 30}}}).effective()
     assert moons.couple.reflowed.n_pairs is None  # vectors: no budget
+
+
+def test_image_budget_is_checked_against_bellman_grid_points():
+    with pytest.raises(ParamsError, match=r"couple.reflowed: 20 steps > bellman.grid_points \(10\).*images budget"):
+        validate({"data": {"target": "digits"}, "bellman": {"grid_points": 10}}).effective()

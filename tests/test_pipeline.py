@@ -132,6 +132,7 @@ TINY_DIGITS = [
     "data.target=digits", "model.channels=8", "model.channel_mult=[1, 2]", "model.attention=true",
     "pretrain.steps=30", "pretrain.batch_size=32", "pretrain.log_every=10", "pretrain.checkpoint_every=10",
     "couple.n_pairs=192", "couple.shard_size=96", "couple.batch_size=96", "couple.solver=euler", "couple.steps=4",
+    "couple.reflowed.n_pairs=288", "couple.reflowed.steps=3",  # bf16 and bellman from the images budget
     "reflow.steps=20", "reflow.batch_size=32", "reflow.log_every=10", "reflow.checkpoint_every=10",
     "distill.steps=20", "distill.batch_size=32", "distill.log_every=10", "distill.checkpoint_every=10",
     "bellman.n_samples=16", "bellman.grid_points=10", "evaluate.n_samples=100", "evaluate.latency_batch=16",
@@ -145,6 +146,9 @@ def test_digits_end_to_end(tmp_path, root):
     image trajectories, and every output dvc.yaml declares (what `dvc repro` checks)."""
     rec = run_all(tmp_path, root, TINY_DIGITS)
     assert rec["prepare"]["target"]["shape"] == [1, 8, 8]
+    round2 = json.loads((tmp_path / "data" / "couplings" / "round-2" / "manifest.json").read_text())
+    assert round2["n_pairs"] == 288 and round2["solver"]["steps"] == 3
+    assert round2["solver"]["precision"] == "bf16" and round2["solver"]["schedule"] == "bellman"
     rows = json.loads((tmp_path / "metrics" / "eval.json").read_text())["rows"]
     sha = {r["fd_net_sha256"] for r in rows}
     assert len(sha) == 1 and len(next(iter(sha))) == 64
