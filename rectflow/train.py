@@ -216,8 +216,8 @@ def train(
     distance = None
     # The per-step work besides forward/backward/step is kept to a few kernels with no host sync: the
     # EMA sources are detached once, the learning rate is written only while it changes, and a NaN
-    # or inf loss is caught through the log window's running sum (checked at every log and
-    # checkpoint, before anything is saved) rather than with a flag updated every step.
+    # or inf loss is found in the log window's per-step losses (checked at every log and checkpoint,
+    # before anything is saved, naming the first bad step) rather than with a flag updated every step.
     ema_src = [p.detach() for p in params]
     progress = _Progress(name, cfg.steps, step) if rank == 0 else None
     t_start = time.perf_counter()
