@@ -70,6 +70,11 @@ def test_params_are_frozen():
         ({"bellman": {"grid_points": 1}}, "bellman.grid_points"),
         ({"bellman": {"n_samples": 0}}, "bellman.n_samples"),
         ({"bellman": {"samples": 10}}, "bellman.samples: unknown key"),
+        ({"couple": {"reflowed": {"schedule": "bellman"}}}, "couple.reflowed.schedule: 'bellman' needs a fixed-step"),
+        ({"couple": {"solver": "euler", "reflowed": {"schedule": "bellman", "steps": 200}}},
+         "couple.reflowed: 200 steps > bellman.grid_points (100)"),
+        ({"couple": {"reflowed": {"stpes": 8}}}, "couple.reflowed.stpes: unknown key"),
+        ({"couple": {"reflowed": {"n_pairs": 0}}}, "couple.reflowed.n_pairs"),
     ],
 )
 def test_bellman_schedule_settings_are_checked(doc, needle):
@@ -95,22 +100,6 @@ def test_reflowed_rounds_take_their_own_couple_settings():
     assert (r2.n_pairs, r2.solver, r2.steps, r2.precision, r2.schedule) == (400, "euler", 8, "bf16", "bellman")
     assert r2.shard_size == p.couple.shard_size and r2.reflowed == type(p.couple.reflowed)()
     assert Params().couple.for_round(3) == Params().couple  # all null: every round as round 1
-
-
-@pytest.mark.parametrize(
-    "doc,needle",
-    [
-        ({"couple": {"reflowed": {"schedule": "bellman"}}}, "couple.reflowed.schedule: 'bellman' needs a fixed-step"),
-        ({"couple": {"solver": "euler", "reflowed": {"schedule": "bellman", "steps": 200}}},
-         "couple.reflowed: 200 steps > bellman.grid_points (100)"),
-        ({"couple": {"reflowed": {"stpes": 8}}}, "couple.reflowed.stpes: unknown key"),
-        ({"couple": {"reflowed": {"n_pairs": 0}}}, "couple.reflowed.n_pairs"),
-    ],
-)
-def test_reflowed_couple_settings_are_checked(doc, needle):
-    with pytest.raises(ParamsError) as e:
-        validate(doc, "params.yaml")
-    assert needle in str(e.value)
 
 
 def test_image_budget_fills_nested_keys_one_by_one():
