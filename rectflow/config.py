@@ -97,6 +97,10 @@ class TrainParams(Section):
     lr: PosFloat = 1e-3
     weight_decay: NonNegFloat = 0.0
     warmup: NonNegInt = Field(200, description="Linear learning-rate warm-up steps.")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="Learning rate after the warm-up: constant, or cosine decay from lr to 0 "
+        "over the remaining steps (SGDR without restarts, Loshchilov & Hutter 2017)."
+    )
     grad_clip: NonNegFloat = Field(1.0, description="Max gradient norm; 0 disables clipping.")
     ema: UnitFloat = Field(0.999, description="EMA decay of the saved weights; 0 disables EMA.")
     time_dist: TimeDist = "uniform"

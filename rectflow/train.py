@@ -2,11 +2,12 @@
 
 Each step draws a batch of pairs ``(x0, x1)`` ``(B, *shape)`` from a :class:`BatchSource`, times
 ``t`` ``(B,)`` from p(t), and minimises D(x1 − x0, v(x_t, t)) (:mod:`rectflow.flow`). AdamW with
-linear warm-up, gradient-norm clipping, an EMA of the weights (what gets saved), optional bf16
-autocast. Every ``checkpoint_every`` steps the whole state (weights, EMA, optimizer, RNG states,
-batch-source position, step) is written atomically, so a rerun after a crash resumes and ends with
-bit-identical weights on CPU. No host synchronisation per step: the loss is read every ``log_every``
-steps, and a non-finite loss is located to its exact step from a device-side record.
+linear warm-up (then a constant or cosine-decayed learning rate), gradient-norm clipping, an EMA of
+the weights (what gets saved), optional bf16 autocast. Every ``checkpoint_every`` steps the whole
+state (weights, EMA, optimizer, RNG states, batch-source position, step) is written atomically, so a
+rerun after a crash resumes and ends with bit-identical weights on CPU. No host synchronisation per
+step: the loss is read every ``log_every`` steps, and a non-finite loss is located to its exact step from a
+device-side record.
 
 Under ``torchrun`` (``torch.distributed`` initialised) the model is wrapped in DDP and
 ``batch_size`` stays the *global* batch: each of the N ranks draws ``batch_size / N`` pairs of
@@ -35,7 +36,7 @@ from torch import Tensor, nn
 from rectflow.flow import interpolate, loss_fn, sample_time
 from rectflow.io import atomic_path
 
-__all__ = ["BatchSource", "NonFiniteLossError", "TrainResult", "train"]
+__all__ = ["BatchSource", "NonFiniteLossError", "TrainResult", "learning_rate", "train"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -86,6 +87,18 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> None:
         return
     total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
     torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp_(max=1.0))
+
+
+def learning_rate(cfg: Any, step: int) -> float:
+    """The learning rate of (0-based) ``step``: linear warm-up to ``cfg.lr`` over ``cfg.warmup`` steps,
+    then constant or, with ``cfg.lr_schedule == "cosine"``, ``lr·½(1 + cos(π·s/S))`` with
+    s = step − warmup and S = steps − warmup (so the last step still moves, by a tiny lr)."""
+    if cfg.warmup > 0 and step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    if cfg.lr_schedule == "cosine":
+        span = max(1, cfg.steps - cfg.warmup)
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(step - cfg.warmup, span) / span))
+    return cfg.lr
 
 
 def _rank_world() -> tuple[int, int]:
@@ -213,6 +226,7 @@ def train(
 
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     tdist = time_dist or cfg.time_dist
+    decaying = cfg.lr_schedule != "constant"
     distance = None
     # The per-step work besides forward/backward/step is kept to a few kernels with no host sync: the
     # EMA sources are detached once, the learning rate is written only while it changes, and a NaN
@@ -278,8 +292,8 @@ def train(
         if distance is None:
             distance = loss_fn(cfg.loss, math.prod(x0.shape[1:]), cfg.huber_c)
         t = sample_time(tdist, x0.shape[0], gen, device, k=k)
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup > 0 else cfg.lr
-        if step <= cfg.warmup or step == resumed_from:  # constant after the warm-up
+        lr = learning_rate(cfg, step)
+        if decaying or step <= cfg.warmup or step == resumed_from:  # else constant after the warm-up
             for g in opt.param_groups:
                 g["lr"] = lr
         with autocast:

@@ -118,3 +118,22 @@ def test_clip_grad_norm_matches_torch(scale):
     torch.nn.utils.clip_grad_norm_(list(b.parameters()), 1.0)
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.allclose(p.grad, q.grad, rtol=1e-6, atol=1e-9)
+
+
+def test_learning_rate_schedules():
+    from rectflow.config import PretrainParams
+    from rectflow.train import learning_rate
+
+    const = PretrainParams(steps=1000, lr=1e-3, warmup=100)
+    cos = const.model_copy(update={"lr_schedule": "cosine"})
+    for cfg in (const, cos):  # the same linear warm-up: lr·(s + 1)/warmup
+        assert [learning_rate(cfg, s) for s in (0, 49, 99)] == pytest.approx([1e-5, 5e-4, 1e-3])
+    assert all(learning_rate(const, s) == 1e-3 for s in (100, 500, 999))
+    # cosine: lr·½(1 + cos(π·(s − warmup)/(steps − warmup))): full at the end of warm-up, half midway
+    assert learning_rate(cos, 100) == pytest.approx(1e-3)
+    assert learning_rate(cos, 550) == pytest.approx(5e-4)
+    assert learning_rate(cos, 999) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 899 / 900)))
+    lrs = [learning_rate(cos, s) for s in range(100, 1000)]
+    assert all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] > 0
+    no_warmup = cos.model_copy(update={"warmup": 0})
+    assert learning_rate(no_warmup, 0) == pytest.approx(1e-3) and learning_rate(no_warmup, 500) == pytest.approx(5e-4)
