@@ -255,6 +255,10 @@ class EvaluateParams(Section):
     atol: PosFloat = 1e-5
     latency_batch: PosInt = 1024
     mmd_bandwidth: PosFloat | None = Field(None, description="RBF bandwidth; None: median heuristic.")
+    inception: str | None = Field(
+        None, description="Images: a TorchScript Inception-v3 detector on disk (inception-2015-12-05.pt, as "
+        "StyleGAN2-ADA/EDM use) for `fid` beside `fd` in every row (rectflow/fid.py); never downloaded."
+    )
 
 
 class BellmanParams(Section):

@@ -102,6 +102,13 @@ def run(p: Params, layout: Layout) -> dict:
     straight: dict[str, float] = {}
     rows = []
     fd_ctx = _fd_context(p, layout, dev) if len(shape) == 3 else None
+    fid_ctx = None
+    if images and e.inception:  # the user's own Inception-v3 file: FID against the training split
+        from rectflow.fid import fid_scorer
+
+        train = load_prepared(layout.prepared, "target", "train").data
+        assert train is not None
+        fid_ctx = fid_scorer(e.inception, train, dev)
     lat_noise = torch.randn((e.latency_batch, *shape), generator=torch.Generator().manual_seed(p.seed + 1)).to(dev)
     for name, solver, steps, schedule in expand_grid(e.grid, groups, steps_of):
         model, card = get(name)
@@ -127,6 +134,8 @@ def run(p: Params, layout: Layout) -> dict:
         }
         if fd_ctx is not None:
             row |= fd_ctx(x)
+        if fid_ctx is not None:
+            row |= fid_ctx(x)
         if images:
             from rectflow.imaging import save_grid_png
 

@@ -143,8 +143,13 @@ TINY_DIGITS = [
 
 def test_digits_end_to_end(tmp_path, root):
     """Images through all seven stages: FD on every row, sample grids, the side-by-side figure,
-    image trajectories, and every output dvc.yaml declares (what `dvc repro` checks)."""
-    rec = run_all(tmp_path, root, TINY_DIGITS)
+    image trajectories, and every output dvc.yaml declares (what `dvc repro` checks); FID beside FD
+    with a (tiny, scripted) Inception detector file given as `evaluate.inception`."""
+    from tests.test_fid import scripted
+
+    (tmp_path / "detector").mkdir()
+    detector = scripted(tmp_path / "detector")
+    rec = run_all(tmp_path, root, [*TINY_DIGITS, f"evaluate.inception={detector}"])
     assert rec["prepare"]["target"]["shape"] == [1, 8, 8]
     round2 = json.loads((tmp_path / "data" / "couplings" / "round-2" / "manifest.json").read_text())
     assert round2["n_pairs"] == 288 and round2["solver"]["steps"] == 3
@@ -152,8 +157,11 @@ def test_digits_end_to_end(tmp_path, root):
     rows = json.loads((tmp_path / "metrics" / "eval.json").read_text())["rows"]
     sha = {r["fd_net_sha256"] for r in rows}
     assert len(sha) == 1 and len(next(iter(sha))) == 64
+    from rectflow.io import file_sha256
+
     for r in rows:
         assert r["fd"] >= 0 and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1
+        assert r["fid"] >= 0 and r["fid_net_sha256"] == file_sha256(detector)
         assert (tmp_path / "plots" / "samples" / f"{r['model']}-{r['solver']}-nfe{r['nfe']}"
                 f"{'-bellman' if r['schedule'] == 'bellman' else ''}.png").is_file()
     assert (tmp_path / "plots" / "side_by_side.png").stat().st_size > 1000
