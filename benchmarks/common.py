@@ -49,9 +49,12 @@ def cpu_model() -> str:
 
 
 def git_commit() -> str | None:
+    """HEAD's short hash, with `` + working tree`` when tracked files differ from it."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (out.stdout.strip() + (" + working tree" if dirty else "")) or None
     except (OSError, subprocess.SubprocessError):
         return None
 

@@ -82,6 +82,12 @@ class QualityConfig:
     peers: tuple[str, ...] = ("icfm", "otcfm", "fm")
     cfm_sigma: float = 0.0
     rf1_ot: bool = True  # the "1-RF + minibatch OT" row (a second pretraining with exact OT per batch)
+    # rectflow's own settings for the fine-tuning stages (pretrain and the peers keep params.pretrain's
+    # lr 1e-3, the published 2D protocol): measured on N→scurve and N→8gaussians (BENCHMARKS.md, "2D
+    # chain variants"), reflow and distill at params.yaml's lr 5e-4 / 2e-4 stop short in 2000 steps.
+    reflow_lr: float = 2e-3
+    distill_lr: float = 2e-3
+    reflow_time_dist: str = "u_shaped"
     extra: tuple[str, ...] = field(default_factory=tuple)  # further --set overrides for every stage
 
     def overrides(self, task: str, seed: int, coupling: str = "independent") -> list[str]:
@@ -95,7 +101,9 @@ class QualityConfig:
             f"couple.n_pairs={self.n_pairs}", f"couple.shard_size={shard}", f"couple.batch_size={shard}",
             f"couple.solver={self.couple_solver}", f"couple.steps={self.couple_steps}",
             "reflow.rounds=1", f"reflow.steps={self.steps}", f"reflow.batch_size={self.batch}",
+            f"reflow.lr={self.reflow_lr}", f"reflow.time_dist={self.reflow_time_dist}",
             "distill.k=1", f"distill.steps={self.steps}", f"distill.batch_size={self.batch}",
+            f"distill.lr={self.distill_lr}",
         ]
         return ov + list(self.extra)
 
@@ -129,13 +137,15 @@ def check_peer_conventions() -> None:
 def train_peer(kind: str, model, source, target, cfg, seed: int, sigma: float = 0.0) -> dict[str, Any]:
     """Train ``model`` in place with a peer library's coupling and path; same optimizer as rectflow.
 
-    ``cfg`` is rectflow's ``params.pretrain`` (steps, batch, AdamW lr / weight decay, linear warm-up,
+    ``cfg`` is rectflow's ``params.pretrain`` (steps, batch, AdamW lr / weight decay, linear warm-up and lr schedule,
     gradient clipping, EMA of the weights with the same decay ramp as :func:`rectflow.train.train`).
     Returns the wall time and final loss. ``kind``: ``icfm`` | ``otcfm`` | ``fm``.
     """
     import numpy as np
     import torch
     from torch import nn
+
+    from rectflow.train import learning_rate
 
     if kind in ("icfm", "otcfm"):
         from torchcfm.conditional_flow_matching import (
@@ -173,7 +183,7 @@ def train_peer(kind: str, model, source, target, cfg, seed: int, sigma: float = 
     for step in range(cfg.steps):
         x0 = source.sample(cfg.batch_size, gen).reshape(cfg.batch_size, *target.shape)
         x1 = target.sample(cfg.batch_size, gen)
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup > 0 else cfg.lr
+        lr = learning_rate(cfg, step)  # the same warm-up and schedule as rectflow's loop
         for g in opt.param_groups:
             g["lr"] = lr
         t, xt, ut = pairs(x0, x1, gen)
@@ -439,7 +449,9 @@ def markdown(agg: dict[str, Any], cfg: QualityConfig, raw: dict[str, Any], env: 
         "",
         f"Setting: MLP {cfg.depth}×{cfg.hidden} (rectflow.nets.MLPVelocity, time embedding 64) for every method; "
         f"batch {cfg.batch}; {cfg.steps} steps for pretrain, reflow, distill and each peer (AdamW and the "
-        f"rest of `params.pretrain`: lr 1e-3, warm-up 200, clip 1, EMA 0.999); {cfg.n_train} training samples; "
+        f"rest of `params.pretrain`: lr 1e-3, warm-up 200, clip 1, EMA 0.999), except rectflow's reflow "
+        f"(lr {cfg.reflow_lr:g}, p(t) {cfg.reflow_time_dist}) and distill (lr {cfg.distill_lr:g}); "
+        f"{cfg.n_train} training samples; "
         f"couple: {cfg.n_pairs} pairs by {cfg.couple_solver}"
         + (f" ({cfg.couple_steps} steps)" if cfg.couple_solver != "rk45" else " (rtol = atol = 1e-5)")
         + f"; seeds {list(cfg.seeds)}; W2 by exact OT between {cfg.n_eval} generated and {cfg.n_eval} held-out "
@@ -557,6 +569,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def report_from(path: Path, quick: bool = False) -> dict[str, Any]:
     """Re-render a saved run (e.g. one made on another machine): same JSON, fresh summary and section."""
     data = json.loads(Path(path).read_text())
+    # runs saved before these keys existed trained reflow and distill with params.yaml's values
+    data["config"] = {"reflow_lr": 5e-4, "distill_lr": 2e-4, "reflow_time_dist": "uniform"} | data["config"]
     cfg = QualityConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data["config"].items()})
     data["summary"] = aggregate(data["raw"])
     md = markdown(data["summary"], cfg, data["raw"], data["environment"], data["command"], data.get("notes"))
