@@ -6,8 +6,8 @@ linear warm-up (then a constant or cosine-decayed learning rate), gradient-norm 
 the weights (what gets saved), optional bf16 autocast. Every ``checkpoint_every`` steps the whole
 state (weights, EMA, optimizer, RNG states, batch-source position, step) is written atomically, so a
 rerun after a crash resumes and ends with bit-identical weights on CPU. No host synchronisation per
-step: the loss is read every ``log_every`` steps, and a non-finite loss is located to its exact step from a
-device-side record.
+step: the loss is read every ``log_every`` steps, and a non-finite loss is located to its exact step
+from a device-side record.
 
 Under ``torchrun`` (``torch.distributed`` initialised) the model is wrapped in DDP and
 ``batch_size`` stays the *global* batch: each of the N ranks draws ``batch_size / N`` pairs of
