@@ -77,6 +77,8 @@ def _stage_params(name: str, params: Path, overrides: list[str]):
         raise ParamsError(f"{params} or --set: a value is nested too deeply") from None
     try:
         return p.effective()
+    except ParamsError:
+        raise  # a check on the budgeted values (it names its key): never run with the un-budgeted ones
     except (EOFError, OSError, ValueError):
         return p  # the data file could not be probed (empty, damaged): the stage names it itself
 
@@ -231,7 +233,7 @@ def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Run the whole pipeline as a Prefect flow (ephemeral Prefect unless PREFECT_API_URL is set)."""
     from rectflow.config import load_params
 
-    _guard(load_params, params, set_ or [])  # bad input fails here, before Prefect starts
+    _guard(lambda: load_params(params, set_ or []).effective())  # bad input fails here, before Prefect starts
     from flows.prefect_server import prestart
 
     starting = prestart()  # Prefect's temporary server starts while the rest is imported

@@ -393,7 +393,16 @@ class Params(Section):
             eff._schedules_within_grid()
         except ValueError as e:
             raise ParamsError(f"{e} (with the images budget applied)") from None
+        det = eff.evaluate.inception
+        if det and not Path(det).expanduser().is_file():  # before any stage runs, not after training
+            raise ParamsError(inception_missing(det))
         return eff
+
+
+def inception_missing(path: str | Path) -> str:
+    """The one-line error for an ``evaluate.inception`` file that is not there (params and rectflow.fid)."""
+    return (f"evaluate.inception: {path} does not exist (a TorchScript Inception-v3 detector on disk, such as "
+            "inception-2015-12-05.pt; nothing is downloaded)")
 
 
 def _budget_changes(current: Section, values: dict[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from rectflow.config import inception_missing
 from rectflow.data import DataError
 from rectflow.fd import frechet_distance
 from rectflow.io import file_sha256
@@ -65,8 +66,7 @@ def load_inception(path: str | Path, device: torch.device | str = "cpu") -> Ince
     """Load the detector file; a missing or foreign file is a :class:`DataError` naming the key."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise DataError(f"{KEY}: {p} does not exist (a TorchScript Inception-v3 detector on disk, such as "
-                        "inception-2015-12-05.pt; nothing is downloaded)")
+        raise DataError(inception_missing(p))
     try:
         net = torch.jit.load(str(p), map_location=device)
     except Exception as e:  # not TorchScript (a pickle, a state dict, a truncated file)

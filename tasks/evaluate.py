@@ -109,6 +109,9 @@ def run(p: Params, layout: Layout) -> dict:
         train = load_prepared(layout.prepared, "target", "train").data
         assert train is not None
         fid_ctx = fid_scorer(e.inception, train, dev)
+    elif e.inception:
+        print(f"[evaluate] evaluate.inception ignored: the target has shape {shape}, not (c, h, w) images",
+              file=sys.stderr, flush=True)
     lat_noise = torch.randn((e.latency_batch, *shape), generator=torch.Generator().manual_seed(p.seed + 1)).to(dev)
     for name, solver, steps, schedule in expand_grid(e.grid, groups, steps_of):
         model, card = get(name)
