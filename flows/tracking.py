@@ -157,6 +157,8 @@ class Tracker:
                         step = int(row["step"])
                         metrics += [Metric(f"train/{name}/loss", float(row["loss"]), now, step),
                                     Metric(f"train/{name}/samples_per_s", float(row["samples_per_s"]), now, step)]
+                        if row.get("d_loss"):  # distillation with the adversarial term
+                            metrics.append(Metric(f"train/{name}/d_loss", float(row["d_loss"]), now, step))
         for i in range(0, len(metrics), 900):
             self.client.log_batch(run_id, metrics=metrics[i : i + 900])
         if layout.stage_metrics(stage).is_file():

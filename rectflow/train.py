@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from rectflow.adversarial import Adversary
 from rectflow.flow import interpolate, loss_fn, sample_time
 from rectflow.io import atomic_path
 
@@ -159,10 +160,14 @@ def train(
     k: int | None = None,
     run_fingerprint: str = "",
     device: torch.device | str = "cpu",
+    adversary: Adversary | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``cfg.steps`` steps (``cfg``: a :class:`~rectflow.config.TrainParams`).
 
     ``time_dist``/``k`` override ``cfg.time_dist`` (distillation uses ``"discrete"`` with ``k``).
+    ``adversary`` (distillation): adds its term on x̂1 = x_t + (1 − t)·v(x_t, t) to the loss and
+    trains its discriminator one step per step (:mod:`rectflow.adversarial`); the logged loss stays
+    the regression D(x1 − x0, v), comparable with a run without it.
     On return ``model`` holds the EMA weights (or the raw ones when ``cfg.ema == 0``).
     """
     device = torch.device(device)
@@ -202,6 +207,8 @@ def train(
                         raise ValueError("EMA length")
                     for e, s in zip(ema, state["ema"]):
                         e.copy_(s)
+                if adversary is not None:
+                    adversary.load_state_dict(state["adversary"])
                 gen.set_state(state["gen"][rank])
                 torch.set_rng_state(state["torch_rng"][rank])
                 batches.load_state_dict(state["batches"][rank])
@@ -228,6 +235,8 @@ def train(
         if ema is not None:
             for e in ema:
                 dist.broadcast(e, 0)
+        if adversary is not None:
+            adversary.distribute()
 
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     tdist = time_dist or cfg.time_dist
@@ -269,6 +278,7 @@ def train(
                     "ema": ema if ema is not None else [], "gen": gens, "torch_rng": rngs,
                     "batches": bstates, "history": history,
                     "loss_acc": float(loss_acc), "n_acc": n_acc,  # the log window in progress
+                    "adversary": adversary.state_dict() if adversary is not None else None,
                 },
                 tmp,
             )
@@ -301,11 +311,16 @@ def train(
         if decaying or step <= cfg.warmup or step == resumed_from:  # else constant after the warm-up
             for g in opt.param_groups:
                 g["lr"] = lr
+        xt = interpolate(x0, x1, t)
         with autocast:
-            pred = net(interpolate(x0, x1, t), t)
+            pred = net(xt, t)
         loss = distance(pred.float(), (x1 - x0).float())
+        total = loss
+        if adversary is not None:  # a NaN here reaches the weights, hence the next step's logged loss
+            x_hat = xt + (1 - t).reshape(-1, *([1] * (xt.ndim - 1))) * pred.float()
+            total = loss + adversary.student_term(x_hat, x1)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         if cfg.grad_clip > 0:
             clip_grad_norm(params, cfg.grad_clip)
         opt.step()
@@ -329,6 +344,8 @@ def train(
                 loss_acc.add_(window[:n_acc].sum())
             last_loss = float(loss_acc) / n_acc
             history.append({"step": step, "loss": last_loss, "lr": lr, "samples_per_s": rate})
+            if adversary is not None:  # the discriminator's hinge loss at this step (2: chance)
+                history[-1]["d_loss"] = float(adversary.last_d_loss)
             loss_acc.zero_()
             n_acc, t_last, samples_since = 0, now, 0
             if progress:
@@ -350,7 +367,8 @@ def train(
     if rank == 0 and history_path is not None:
         with atomic_path(history_path) as tmp:
             with open(tmp, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "samples_per_s"])
+                w = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "samples_per_s"]
+                                   + (["d_loss"] if adversary is not None else []))
                 w.writeheader()
                 w.writerows(history)
     done = cfg.steps - resumed_from

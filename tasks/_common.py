@@ -40,6 +40,7 @@ def train_and_save(
     dev: torch.device,
     time_dist: str | None = None,
     k: int | None = None,
+    adversary: Any = None,
 ) -> dict[str, Any]:
     """Train ``model`` (resuming from a matching checkpoint), save ``models/NAME``, return a record.
 
@@ -53,6 +54,7 @@ def train_and_save(
     res = train(
         model, batches, cfg, name=name, seed=seed, checkpoint_dir=layout.checkpoints(name),
         history_path=layout.history(name), time_dist=time_dist, k=k, run_fingerprint=fp, device=dev,
+        adversary=adversary,
     )
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     record = {

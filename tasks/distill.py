@@ -2,11 +2,14 @@
 
 Trained on the last flow's own pairs (Z0, Z1), initialised from its weights, with the rectified-flow
 objective restricted to t = 0 (one step: D(Z1 − Z0, v(Z0, 0))) or to t ∈ {0, 1/k, …, (k−1)/k}.
+With ``distill.adversarial.weight`` λ > 0, a discriminator trained beside the student on the same
+pairs adds −λ·E[D(x̂1)] to that loss (:mod:`rectflow.adversarial`).
 Writes ``models/distilled`` (and ``models/distilled-k{k}``).
 """
 
 from __future__ import annotations
 
+from rectflow.adversarial import Adversary
 from rectflow.config import Params
 from rectflow.layout import Layout
 from rectflow.nets import build_model, load_state, read_model_card
@@ -28,9 +31,13 @@ def run(p: Params, layout: Layout) -> dict:
         model.load_state_dict(load_state(layout.model(parent)))
         batches = open_pairs(p, layout, last, seed=p.seed + 100 + k, dev=dev)  # local copy, else S3
         man = batches.man
+        adv = p.distill.adversarial
+        adversary = (Adversary(tuple(card["arch"]["shape"]), adv.weight, adv.lr, adv.channels, seed=p.seed + 200 + k,
+                               device=dev) if adv.weight > 0 else None)
         out.append(train_and_save(
             p=p, layout=layout, name=name, model=model, arch=card["arch"], batches=batches, cfg=p.distill,
             seed=p.seed + 100 + k, inputs={parent: model_sha(layout, parent), f"round-{last}": man["fingerprint"]},
             meta={"role": "student", "steps": k, "parent": parent}, dev=dev, time_dist="discrete", k=k,
+            adversary=adversary,
         ))
     return {"students": out}

@@ -107,3 +107,22 @@ def test_pair_stream_ranks_split_each_global_batch(tmp_path: Path) -> None:
         parts = [s.next_batch(8) for s in ranks]
         assert torch.equal(torch.cat([p[0] for p in parts]), x0) and torch.equal(torch.cat([p[1] for p in parts]), x1)
     assert ranks[0].state_dict() == ranks[1].state_dict() == solo.state_dict()
+
+
+def test_adversarial_distill_under_torchrun_two_ranks_identical_weights(trained: Path, tmp_path: Path) -> None:
+    """The discriminator is DDP-wrapped beside the student: two ranks end with the same student."""
+    ws = copy_workspace(trained, tmp_path / "adv")
+    from rectflow.cli import run_stage
+
+    for stage in ("couple", "reflow"):
+        run_stage(stage, ws / "params.yaml", OVERRIDES, root=ws)
+    over = [*OVERRIDES, "distill.nproc=2", "distill.steps=30", "distill.adversarial.weight=0.1",
+            "distill.adversarial.channels=8"]
+    r = _stage(ws, tmp_path, "distill", over)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec = json.loads((ws / "metrics/distill.json").read_text())["students"][0]
+    assert rec["world"] == 2 and rec["steps_run"] == 30
+    a, b = rec["rank_weights_sha256"]
+    assert a == b
+    header = (ws / "plots/train/distilled.csv").read_text().splitlines()[0]
+    assert header.split(",") == ["step", "loss", "lr", "samples_per_s", "d_loss"]  # the discriminator's, too
