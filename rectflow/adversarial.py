@@ -16,7 +16,8 @@ layer (Miyato et al. 2018)::
 
 Time convention as everywhere (:mod:`rectflow`): x0 = Z0 is the source, x1 = Z1 the target.
 The discriminator is a small convolutional net for images ``(c, h, w)`` (stride-2 4×4 convolutions
-down to a side of 2 or 3, then a linear layer) and an MLP for vectors ``(d,)``; it runs in fp32.
+down to a side of 2 or 3, then a linear layer) and an MLP for vectors ``(d,)``; it runs under the
+student's autocast (bf16 with ``precision: bf16``), its losses in fp32.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ class Adversary:
         ``fake`` ``(B, *shape)``: the student's x̂1 (with its graph); ``real`` ``(B, *shape)``: Z1.
         """
         fake, real = fake.float(), real.float()
-        scores = self.net(torch.cat([real, fake.detach()]))  # one forward, one backward (DDP-friendly)
+        scores = self.net(torch.cat([real, fake.detach()])).float()  # one forward and backward (DDP-friendly)
         d_loss = F.relu(1.0 - scores[: len(real)]).mean() + F.relu(1.0 + scores[len(real) :]).mean()
         self.opt.zero_grad(set_to_none=True)
         d_loss.backward()
@@ -121,7 +122,7 @@ class Adversary:
         for p in self.params:
             p.requires_grad_(False)
         try:
-            return -self.weight * self.disc(fake).mean()
+            return -self.weight * self.disc(fake).float().mean()
         finally:
             for p in self.params:
                 p.requires_grad_(True)

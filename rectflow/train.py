@@ -318,7 +318,8 @@ def train(
         total = loss
         if adversary is not None:  # a NaN here reaches the weights, hence the next step's logged loss
             x_hat = xt + (1 - t).reshape(-1, *([1] * (xt.ndim - 1))) * pred.float()
-            total = loss + adversary.student_term(x_hat, x1)
+            with autocast:
+                total = loss + adversary.student_term(x_hat, x1)
         opt.zero_grad(set_to_none=True)
         total.backward()
         if cfg.grad_clip > 0:
