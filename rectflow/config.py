@@ -358,8 +358,14 @@ class ImagesParams(Section):
             cls = _SECTION_CLASSES[section]
             unknown = sorted(set(values) - set(cls.model_fields))
             if unknown:
-                raise ValueError(f"{section}.{unknown[0]}: unknown key")
-            cls.model_validate(values)
+                raise ValueError(f"images.{section}.{unknown[0]}: unknown key")
+            try:
+                cls.model_validate(values)
+            except ValidationError as e:  # name the budget key in full: images.distill.adversarial.weight
+                first = e.errors()[0]
+                key = ".".join(str(part) for part in first["loc"])
+                msg = "unknown key" if first["type"] == "extra_forbidden" else " ".join(str(first["msg"]).split())
+                raise ValueError(f"images.{section}.{key}: {msg}") from None
         return self
 
 
@@ -475,8 +481,10 @@ def _format_error(err: ValidationError, source: str) -> str:
         msg = f"{msg}, got {first.get('input')!r}"
     where = f"{source}: " if source else ""
     more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    if not loc and first["type"] == "value_error" and msg.startswith("Value error, "):
-        return f"{where}{msg[len('Value error, '):]}{more}"  # a check across sections names its own key
+    if first["type"] == "value_error" and msg.startswith("Value error, "):
+        inner = msg[len("Value error, "):]
+        if not loc or inner.startswith(f"{loc}."):  # a check that names its own key (across sections, budgets)
+            return f"{where}{inner}{more}"
     return f"{where}{loc or '<root>'}: {msg}{more}"
 
 

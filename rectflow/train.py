@@ -27,15 +27,17 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from rectflow.adversarial import Adversary
 from rectflow.flow import interpolate, loss_fn, sample_time
 from rectflow.io import atomic_path
+
+if TYPE_CHECKING:
+    from rectflow.adversarial import Adversary
 
 __all__ = ["BatchSource", "NonFiniteLossError", "TrainResult", "learning_rate", "train"]
 
@@ -314,10 +316,11 @@ def train(
         xt = interpolate(x0, x1, t)
         with autocast:
             pred = net(xt, t)
-        loss = distance(pred.float(), (x1 - x0).float())
+        pred = pred.float()
+        loss = distance(pred, (x1 - x0).float())
         total = loss
         if adversary is not None:  # a NaN here reaches the weights, hence the next step's logged loss
-            x_hat = xt + (1 - t).reshape(-1, *([1] * (xt.ndim - 1))) * pred.float()
+            x_hat = xt + (1 - t).reshape(-1, *([1] * (xt.ndim - 1))) * pred
             with autocast:
                 total = loss + adversary.student_term(x_hat, x1)
         opt.zero_grad(set_to_none=True)

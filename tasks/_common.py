@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rectflow.adversarial import Adversary
 from rectflow.config import Params, TrainParams
 from rectflow.device import pick_device
 from rectflow.layout import Layout
@@ -40,7 +41,7 @@ def train_and_save(
     dev: torch.device,
     time_dist: str | None = None,
     k: int | None = None,
-    adversary: Any = None,
+    adversary: Adversary | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` (resuming from a matching checkpoint), save ``models/NAME``, return a record.
 

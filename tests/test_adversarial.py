@@ -104,3 +104,17 @@ def test_params_images_budget_turns_it_on_and_it_can_be_turned_off(tmp_path):
         load_params(root / "params.yaml", ["distill.adversarial.wieght=1"])
     with pytest.raises(ParamsError, match="weight"):
         load_params(root / "params.yaml", ["distill.adversarial.weight=-1"])
+
+
+@pytest.mark.parametrize("item, message", [
+    ("images.distill.adversarial.wieght=1", "images.distill.adversarial.wieght: unknown key"),
+    ("images.distill.adversarial.weight=-2", "images.distill.adversarial.weight: Input should be greater than or equal to 0"),
+    ("images.distill.lr=-1", "images.distill.lr: Input should be greater than 0"),
+    ("images.distill.stpes=1", "images.distill.stpes: unknown key"),
+])
+def test_a_bad_budget_key_is_named_in_full(item, message):
+    from pathlib import Path
+
+    with pytest.raises(ParamsError) as e:
+        load_params(Path(__file__).resolve().parents[1] / "params.yaml", [item])
+    assert str(e.value).endswith(f": {message}")
