@@ -1,7 +1,7 @@
 """Benchmarks of rectflow, run by hand (``make bench`` = ``python -m benchmarks.run_all``).
 
 Each module measures one thing through the project's own code paths (the stages of ``tasks/`` via
-:func:`rectflow.cli.run_stage` in a temporary workspace, or the core functions they call), writes
+:func:`tasks.runner.run_stage` in a temporary workspace, or the core functions they call), writes
 ``benchmarks/results/NAME.json`` and its section of ``BENCHMARKS.md`` (with the command that
 reproduces it), and prints a markdown table:
 

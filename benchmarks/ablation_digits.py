@@ -1,7 +1,9 @@
 """Reflow ablation on digits: uniform vs U-shaped p(t), L2 vs pseudo-Huber; FD at 1 and 2 NFE.
 
-One digits workspace (``data.target=digits``; the ``images:`` budget of ``params.yaml`` applies) is
-made, or reused with ``--workspace``, by the pipeline's own stages (:func:`rectflow.cli.run_stage`:
+(One script of ~430 lines on purpose: a benchmark run by hand, its cells and report together.)
+
+One digits workspace (``data.target=digits``; the images profile, rectflow/profiles/images.yaml, applies) is
+made, or reused with ``--workspace``, by the pipeline's own stages (:func:`tasks.runner.run_stage`:
 prepare, pretrain, couple). Every cell shares it: the same frozen FD feature net, the same ``rf1``
 and the same round-1 pairs. A cell is (``reflow.time_dist`` ∈ {uniform, u_shaped}) ×
 (``reflow.loss`` ∈ {l2, pseudo_huber}) × seed: the 2-rectified flow trained from ``rf1``'s weights
@@ -51,7 +53,7 @@ class AblationConfig:
     seeds: tuple[int, ...] = (0, 1)
     nfes: tuple[int, ...] = NFES
     ref_nfes: tuple[int, ...] = REF_NFES
-    reflow_steps: int | None = None  # None: the effective digits budget (params.yaml `images.reflow`)
+    reflow_steps: int | None = None  # None: the resolved digits params (the images profile's reflow)
     extra: tuple[str, ...] = ()  # --set overrides for every stage (after data.target=digits)
 
 
@@ -109,7 +111,7 @@ def _round1_ok(lay) -> bool:
 
 def ensure_workspace(ws: Path, params_path: Path, ov: list[str]) -> dict[str, Any]:
     """Run prepare, pretrain, couple in ``ws`` where their outputs are missing; return what was done."""
-    from rectflow.cli import run_stage
+    from tasks.runner import run_stage
     from rectflow.layout import Layout
 
     lay = Layout(ws)
@@ -180,12 +182,13 @@ def evaluate_flow(model, z0, scorer, ref_test, nfes) -> list[dict[str, Any]]:
 
 
 def run(cfg: AblationConfig, quick: bool, workspace: Path | None, work_dir: Path | None, keep: bool) -> dict[str, Any]:
-    from rectflow.config import load_params
+    from rectflow.params import load_params
     from rectflow.data import load_prepared
     from rectflow.layout import Layout
     from rectflow.lock import workspace_lock
     from rectflow.metrics import w2
-    from rectflow.nets import load_model, read_model_card
+    from rectflow.nets import read_model_card
+    from rectflow.models import load_model
     from rectflow.pairs import read_manifest
     from tasks._common import device
     from tasks.evaluate import eval_noise
@@ -206,7 +209,7 @@ def run(cfg: AblationConfig, quick: bool, workspace: Path | None, work_dir: Path
     try:
         with workspace_lock(ws):  # no pipeline run rewrites rf1 or round 1 under the cells
             stages = ensure_workspace(ws, params_path, ov)
-            p = load_params(params_path, ov).effective()
+            p = load_params(params_path, ov)
             lay = Layout(ws)
             dev = device()
             rf1_card = read_model_card(lay.model("rf1"))
@@ -267,7 +270,8 @@ def run_cell(ws: Path, work_dir: Path, p, td: str, loss: str, seed: int, cfg: Ab
     """Train (or reuse, in a kept ``--work-dir``) one cell's rf2 and evaluate it."""
     from rectflow.config import ReflowParams
     from rectflow.io import atomic_write_json, read_json
-    from rectflow.nets import load_model, read_model_card
+    from rectflow.nets import read_model_card
+    from rectflow.models import load_model
     from rectflow.train import fingerprint
 
     changes: dict[str, Any] = {"time_dist": td, "loss": loss}

@@ -104,7 +104,7 @@ def wait_for_quiet(max_load: float, timeout_s: float, poll_s: float = 15.0) -> l
 
 def run_stage(name: str, root: Path, overrides: Sequence[str]) -> dict[str, Any]:
     """Run stage ``name`` exactly as ``rectflow stage NAME --set ...`` does, in workspace ``root``."""
-    from rectflow.cli import run_stage as _run
+    from tasks.runner import run_stage as _run
 
     root.mkdir(parents=True, exist_ok=True)
     return _run(name, PARAMS, list(overrides), root)

@@ -4,7 +4,7 @@ Copies the working tree (tracked and untracked-not-ignored files: no data, model
 into a temporary directory, makes it a git repository (DVC needs one), and runs
 ``rectflow run [--set ...]`` there as ``make run`` does, timing the whole process. The stages' own
 compute is the sum of ``wall_seconds`` over ``metrics/<stage>.json`` (each stage's ``run`` as timed
-by :func:`rectflow.cli.run_stage`); the difference is what Prefect (ephemeral server, task
+by :func:`tasks.runner.run_stage`); the difference is what Prefect (ephemeral server, task
 orchestration), DVC (``dvc repro`` per stage: hashing, a fresh ``rectflow stage`` process with its
 imports) and MLflow (runs, artifacts, model registry) add. A second ``rectflow run`` with nothing
 changed (every stage skipped) shows the fixed cost alone.
@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import common
-from rectflow.testing.tiny import TINY
-from tasks import STAGES
+from rectflow.stages import PIPELINE as STAGES
+from tests.support.tiny import TINY
 
 NAME = "overhead"
 
@@ -59,7 +59,7 @@ def _git_env() -> dict[str, str]:
 
 def rectflow_cmd() -> list[str]:
     exe = Path(sys.executable).with_name("rectflow")
-    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "rectflow.cli"]
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "flows.cli"]
 
 
 def run_pipeline(work: Path, sets: list[str], timeout: float) -> dict[str, Any]:

@@ -1,8 +1,10 @@
 """2D quality suite: W2 against NFE for rectflow's methods and its peers, several seeds.
 
+(One script of ~580 lines on purpose: every method of the comparison, run by hand, side by side.)
+
 Tasks: N→moons, N→8gaussians, N→checkerboard, N→scurve, 8gaussians→moons (N: standard Gaussian).
 Per (task, seed), in a temporary workspace and through the pipeline's own stages
-(:func:`rectflow.cli.run_stage`: prepare, pretrain, couple, reflow, distill):
+(:func:`tasks.runner.run_stage`: prepare, pretrain, couple, reflow, distill):
 
 - ``1-RF``: ``rf1`` (independent pairs); ``1-RF + minibatch OT``: ``rf1`` of a second workspace with
   ``pretrain.coupling=minibatch_ot``; ``2-RF``: ``rf2`` (one reflow on ``couple``'s RK45 pairs);
@@ -236,11 +238,12 @@ def run_task(task: str, seed: int, cfg: QualityConfig, workdir: Path) -> dict[st
     """Everything for one (task, seed) in ``workdir``; returns W2 rows, the floor and wall times."""
     import torch
 
-    from rectflow.config import load_params
+    from rectflow.params import load_params
     from rectflow.data import load_prepared
     from rectflow.layout import Layout
     from rectflow.metrics import w2
-    from rectflow.nets import arch_from_params, build_model, load_model
+    from rectflow.nets import arch_from_params, build_model
+    from rectflow.models import load_model
     from rectflow.schedule import bellman_schedules, load_schedule, save_schedule
     from tasks.evaluate import eval_noise
 

@@ -69,11 +69,12 @@ def latencies(models: dict[str, Any], z, repeats: int, warmup: int = 3) -> dict[
 def run(cfg: QuantConfig) -> dict[str, Any]:
     import torch
 
-    from rectflow.config import load_params
+    from rectflow.params import load_params
     from rectflow.data import load_prepared
     from rectflow.layout import Layout
     from rectflow.metrics import w2
-    from rectflow.nets import build_model, load_model, load_state, read_model_card
+    from rectflow.nets import build_model, load_state, read_model_card
+    from rectflow.models import load_model
     from rectflow.quant import apply_backend, dequantize_state
     from rectflow.solvers import solve
     from tasks.evaluate import eval_noise

@@ -1,6 +1,6 @@
 """Throughput at the limit: ``couple`` against the raw forward rate, training against a bare loop.
 
-1. ``couple``: pairs per second of the couple stage (:func:`rectflow.cli.run_stage` in a temporary
+1. ``couple``: pairs per second of the couple stage (:func:`tasks.runner.run_stage` in a temporary
    workspace: the shard loop, Parquet writing, manifest) against its *limit*, the raw batched forward
    rate of the same network at the same batch size divided by the NFE per pair
    (``batch × forwards/s ÷ NFE``), measured in the same process just before and just after
@@ -131,7 +131,7 @@ def _shard_rows(n: int, shard: int) -> list[int]:
 
 
 def couple_benchmark(cfg: ThroughputConfig) -> list[dict[str, Any]]:
-    from rectflow.nets import load_model
+    from rectflow.models import load_model
     from rectflow.layout import Layout
 
     root = Path(tempfile.mkdtemp(prefix="rectflow-throughput-"))
@@ -200,7 +200,7 @@ def pipeline_loop(hidden: int, depth: int, batch: int, steps: int, precision: st
     """Samples/s of :func:`rectflow.train.train` exactly as the pretrain stage runs it."""
     import torch
 
-    from rectflow.config import load_params
+    from rectflow.params import load_params
     from rectflow.data import Distribution, generate_2d
     from rectflow.nets import MLPVelocity
     from rectflow.sources import IndependentPairs

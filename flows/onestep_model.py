@@ -13,7 +13,7 @@ class OneStepGenerator(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:  # type: ignore[no-untyped-def]
         from pathlib import Path
 
-        from rectflow.nets import load_model
+        from rectflow.models import load_model
 
         self.model, self.card = load_model(Path(context.artifacts["weights"]).with_suffix(""))
         self.shape = tuple(self.card["arch"]["shape"])

@@ -1,12 +1,18 @@
-"""The Prefect flow ``rectflow-pipeline``: the seven stages as Prefect tasks, wired through DVC.
+"""The Prefect flow ``rectflow-pipeline``: the registry's stages as Prefect tasks, wired through DVC.
 
-One DAG, two entry points. Each task reproduces its stage with DVC (``dvc repro --single-item``),
-so a stage whose code, params and inputs are unchanged is skipped by ``rectflow run`` exactly as by
-``dvc repro``, and after either the other has nothing left to do. Parameters arrive as one typed
-pydantic model (:class:`rectflow.config.Params`: a nested model per stage, with descriptions,
-bounds and ``Literal`` choices), which the Prefect UI renders as a validated form; values that
-differ from ``params.yaml`` are written into it (comments kept), the way ``dvc exp run -S`` records
-them, and logged as the MLflow parent run's ``overrides``.
+One DAG, two entry points. The flow iterates :data:`rectflow.stages.STAGES` (resolve, prepare …
+evaluate) and reproduces each stage with DVC's own command line (``dvc repro --single-item NAME``,
+which runs ``rectflow stage NAME``), so a stage whose code, params and inputs are unchanged is
+skipped by ``rectflow run`` exactly as by ``dvc repro``, and after either the other has nothing left
+to do. Before the stages, ``dvc.yaml`` is regenerated from the registry for the run's params
+(:mod:`rectflow.dvcyaml`: ``reflow.rounds: 2`` declares rf3 and round 3).
+
+Parameters arrive as one typed pydantic model (:class:`rectflow.config.Params`, rendered by the
+Prefect UI as a validated form pre-filled with the resolved params). The keys a user changed (the
+``--set`` list, or the form's values that differ from the resolution of ``params.yaml``) are
+written into ``params.yaml`` (comments kept), the way ``dvc exp run -S`` records them, and logged
+as the MLflow parent run's ``overrides``; the resolved document is what MLflow, the Prefect
+artifact and DVC (``params.resolved.yaml``) record.
 
 Tasks pass small records (stage name, whether it ran, MLflow run id, a few figures), never tensors.
 """
@@ -17,7 +23,6 @@ import json
 import os
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +30,18 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from rectflow.config import Params, ParamsError, dump_params, load_params, read_yaml, validate
+from rectflow.config import Params, ParamsError, dump_params
 from rectflow.io import atomic_write_bytes
 from rectflow.layout import Layout
-from tasks import STAGES
+from rectflow.params import load_params, load_yaml_text, resolve
+from rectflow.stages import STAGES, stage as stage_decl
 
 PARAMS_FILE = "params.yaml"
 
 
 def _defaults() -> Params:
-    """The UI form's defaults: ``params.yaml`` of the working directory, else the schema defaults."""
+    """The UI form's defaults: the resolved ``params.yaml`` of the working directory, else the
+    schema defaults."""
     try:
         return load_params(PARAMS_FILE) if Path(PARAMS_FILE).is_file() else Params()
     except ParamsError:
@@ -44,135 +51,117 @@ def _defaults() -> Params:
 # ---- params.yaml: record overrides like `dvc exp run -S` ------------------------------------------
 
 
-def record_overrides(path: Path, p: Params) -> list[str]:
-    """Write the values of ``p`` that differ from ``path`` into it (comments kept); return them as KEY=VALUE."""
+def _flat(p: Params) -> dict[str, Any]:
+    from flows.tracking import flatten
+
+    return flatten(dump_params(p))
+
+
+def form_overrides(path: Path, p: Params) -> list[str]:
+    """The ``KEY=VALUE`` list that turns ``path``'s resolution into ``p`` (a UI form's params).
+
+    Keys the user changed only: the data and profile keys first (they choose the profile), then
+    whatever still differs once those are applied, so values that a new profile brings are not
+    written into ``params.yaml`` as if the user had chosen them.
+    """
+    def diff(a: Params, b: Params) -> list[str]:
+        fa, fb = _flat(a), _flat(b)
+        return [f"{k}={json.dumps(fa[k])}" for k in fa if fa[k] != fb.get(k)]
+
+    first = [o for o in diff(p, load_params(path)) if o.startswith(("data.", "profile="))]
+    return first + diff(p, load_params(path, first))
+
+
+def record_overrides(path: Path, overrides: list[str]) -> list[str]:
+    """Write ``overrides`` (``KEY=VALUE``) into ``params.yaml`` (comments kept) and return them."""
     from io import StringIO
 
     from ruamel.yaml import YAML
 
-    from flows.tracking import flatten
+    from rectflow.params import parse_override
 
-    current = validate(read_yaml(path), str(path)) if path.is_file() else Params()
-    new, old = flatten(dump_params(p)), flatten(dump_params(current))
-    changed = [k for k in new if new[k] != old.get(k)]
-    if not changed:
+    if not overrides:
         return []
     yaml = YAML()
     yaml.preserve_quotes = True
     doc = yaml.load(path.read_text()) if path.is_file() else {}
     doc = doc if doc is not None else {}
-    for key in changed:
+    for item in overrides:
+        parts, value = parse_override(item)
         node = doc
-        parts = key.split(".")
         for part in parts[:-1]:
             if part not in node or not isinstance(node[part], dict):
                 node[part] = {}
             node = node[part]
-        node[parts[-1]] = new[key]
+        node[parts[-1]] = value
     buf = StringIO()
     yaml.dump(doc, buf)
+    load_yaml_text(buf.getvalue(), str(path))  # never write a file the reader would refuse
     atomic_write_bytes(path, buf.getvalue().encode())
-    return [f"{k}={json.dumps(new[k])}" for k in changed]
+    return list(overrides)
 
 
 # ---- one stage ------------------------------------------------------------------------------------
 
 
-def dvc_repro(root: Path, stage: str) -> bool:
-    """``dvc repro --single-item STAGE``; True if DVC ran the stage, False if it was up to date.
+class StageInputError(ParamsError):
+    """A stage refused its input (``rectflow: error: …``, exit 2): its own one line, never retried."""
+
+
+_DVC_HINTS = ("To track the changes with git, run:", "git add dvc.lock", "To enable auto staging, run:",
+              "dvc config core.autostage true", "Use `dvc push` to send your updates to remote storage.",
+              "Data and pipelines are up to date.", "Updating lock file")
+
+
+def _quiet_line(line: str) -> bool:
+    """DVC's hints after every stage (git add, autostage, push): shown only with --verbose."""
+    text = line.strip()
+    return not text or any(text.startswith(h) or text == h for h in _DVC_HINTS)
+
+
+def dvc_repro(root: Path, stage: str, verbose: bool = False) -> bool:
+    """``dvc repro --single-item STAGE`` (DVC's command line); True if DVC ran the stage.
 
     DVC decides whether the stage runs, restores it from its run cache where it can, removes the
     stale outputs, and afterwards hashes, caches and locks the outputs, exactly as ``dvc repro``.
-    Only the command itself is run differently: ``rectflow stage NAME`` runs in this process
-    (:func:`stages_in_process`), which already has torch and the package imported.
+    Its output is passed through line by line (less DVC's git hints unless ``verbose``); a stage
+    that failed on bad input (its ``rectflow: error: …`` line, exit 2) raises :class:`StageInputError`
+    with that line, anything else a RuntimeError naming the stage and DVC's status.
     """
-    from dvc.exceptions import ReproductionError
-    from dvc.repo import Repo
+    import subprocess
 
-    try:
-        with Repo(str(root)) as repo, stages_in_process():
-            ran = repo.reproduce(stage, single_item=True)
-    except ReproductionError as e:
-        from rectflow.cli import StageFailedError, _user_errors
-        from rectflow.train import NonFiniteLossError
-
-        cause = e.__cause__
-        if isinstance(cause, (*_user_errors(), NonFiniteLossError, StageFailedError)):
-            raise cause from None  # the stage's own one-line error, not DVC's wrapper
-        raise
-    return bool(ran)
-
-
-IN_PROCESS_ENV = "RECTFLOW_STAGES_IN_PROCESS"
-
-
-def _in_process_stage(stage: Any) -> str | None:
-    """The rectflow stage NAME that DVC's ``stage`` would run, if it may run in this process.
-
-    Only a command that is exactly ``rectflow stage NAME`` qualifies (a user who edits the command
-    in dvc.yaml gets it run as written). Couplings on Dask keep their own process: the round is a
-    Prefect flow of its own, with its own cluster.
-    """
-    from tasks import STAGES
-
-    if os.environ.get(IN_PROCESS_ENV, "1").strip().lower() in ("0", "false", "no"):
-        return None
-    cmd = stage.cmd if isinstance(stage.cmd, str) else (stage.cmd[0] if len(stage.cmd) == 1 else "")
-    parts = cmd.split()
-    if len(parts) != 3 or parts[:2] != ["rectflow", "stage"] or parts[2] not in STAGES:
-        return None
-    name = parts[2]
-    if name in ("couple", "reflow"):
-        from rectflow.config import load_params
-
-        from tasks.couple import uses_dask
-
-        if uses_dask(load_params(Path(stage.wdir) / PARAMS_FILE).couple):
-            return None
-    return name
-
-
-@contextlib.contextmanager
-def stages_in_process() -> Iterator[None]:
-    """While active, DVC runs a stage command ``rectflow stage NAME`` as a call of
-    :func:`rectflow.cli.run_stage` in this process instead of a new shell and interpreter.
-
-    The same function the command calls, on the same ``params.yaml`` and working directory, so
-    outputs, ``metrics/NAME.json`` and the lock entries are the same; what is saved is a new
-    process per stage (interpreter, torch and package imports: about 2 s each on a 2-core CPU).
-    Any other command (edited in dvc.yaml, a Dask couple) goes to DVC's own runner. Set
-    ``RECTFLOW_STAGES_IN_PROCESS=0`` to run every stage in its own process.
-    """
-    import dvc.stage.run as dvc_stage_run
-
-    original = dvc_stage_run.cmd_run
-
-    def cmd_run(stage: Any, dry: bool = False, run_env: Any = None) -> None:
-        name = None if dry else _in_process_stage(stage)
-        if name is None:
-            return original(stage, dry=dry, run_env=run_env)
-        from rectflow.cli import run_stage
-
-        print(f"Running stage '{name}' in process: rectflow stage {name}", file=sys.stderr, flush=True)
-        wdir = Path(stage.wdir)
-        record = run_stage(name, wdir / PARAMS_FILE, [], root=wdir)
-        print(json.dumps({k: v for k, v in record.items() if not isinstance(v, (dict, list))}), flush=True)
-
-    dvc_stage_run.cmd_run = cmd_run
-    try:
-        yield
-    finally:
-        dvc_stage_run.cmd_run = original
+    cmd = [str(Path(sys.executable).with_name("dvc")), "repro", "--single-item", stage]
+    if not Path(cmd[0]).is_file():
+        cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            stdin=subprocess.DEVNULL, bufsize=1)
+    ran, errors = False, []
+    assert proc.stdout is not None
+    with proc:
+        for line in proc.stdout:
+            if line.startswith(("Running stage ", f"Stage '{stage}' is cached")):
+                ran = ran or line.startswith("Running stage ")
+            if line.startswith("rectflow: error: "):
+                errors.append(line[len("rectflow: error: "):].strip())
+            if verbose or not _quiet_line(line):
+                sys.stderr.write(line)
+                sys.stderr.flush()
+    if proc.returncode != 0:
+        if errors:
+            raise StageInputError(errors[-1])
+        raise RuntimeError(f"stage {stage}: `dvc repro --single-item {stage}` exited with status {proc.returncode} "
+                           "(its error is above)")
+    return ran
 
 
 def _not_user_error(task, task_run, state) -> bool:  # type: ignore[no-untyped-def]
     """Retry transient failures only: a bad input or a NaN loss will fail again the same way."""
-    from rectflow.cli import _user_errors
     from rectflow.train import NonFiniteLossError
+    from tasks.runner import user_errors
 
     try:
         state.result()
-    except (*_user_errors(), NonFiniteLossError):
+    except (*user_errors(), NonFiniteLossError):
         return False
     except Exception as e:
         text = str(e)
@@ -181,13 +170,15 @@ def _not_user_error(task, task_run, state) -> bool:  # type: ignore[no-untyped-d
 
 
 @task(name="stage", retries=1, retry_delay_seconds=5, retry_condition_fn=_not_user_error, task_run_name="{stage}")
-def stage_task(stage: str, root: str, parent_run_id: str | None, tracker_cfg: dict[str, Any]) -> dict[str, Any]:
+def stage_task(stage: str, root: str, parent_run_id: str | None, tracker_cfg: dict[str, Any],
+               verbose: bool = False) -> dict[str, Any]:
     logger = get_run_logger()
     rootp = Path(root)
     tracker = _tracker(tracker_cfg)
-    child = tracker.start_child(parent_run_id, stage, {"prefect.flow_run_id": str(flow_run.id)}) if tracker and parent_run_id else None
+    child = (tracker.start_child(parent_run_id, stage, stage_decl(stage).params, {"prefect.flow_run_id": str(flow_run.id)})
+             if tracker and parent_run_id else None)
     try:
-        executed = dvc_repro(rootp, stage)
+        executed = dvc_repro(rootp, stage, verbose)
     except BaseException:
         if tracker and child:
             tracker.end(child, "FAILED")
@@ -196,7 +187,7 @@ def stage_task(stage: str, root: str, parent_run_id: str | None, tracker_cfg: di
     if tracker and child:
         tracker.log_stage(child, stage, record, executed)
         tracker.end(child)
-    logger.info("%s: %s", stage, "ran" if executed else "up to date, skipped")
+    _say(logger, f"{stage}: {'ran' if executed else 'up to date, skipped'}")
     scalars = {k: v for k, v in record.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
     return {"stage": stage, "executed": executed, "mlflow_run_id": child, "record": scalars}
 
@@ -226,19 +217,39 @@ def promote_task(root: str, parent_run_id: str, tracker_cfg: dict[str, Any]) -> 
 # ---- the flow -------------------------------------------------------------------------------------
 
 
-@flow(name="rectflow-pipeline", log_prints=True, description="pretrain → couple → reflow → distill → quantize → evaluate")
-def pipeline(params: Params = _defaults(), track: bool = True) -> dict[str, Any]:
-    """Run every stage that is out of date; log to MLflow; register and promote the one-step model."""
+@flow(name="rectflow-pipeline", log_prints=True,
+      description="resolve → prepare → pretrain → couple → reflow → distill → quantize → evaluate")
+def pipeline(params: Params = _defaults(), track: bool = True, overrides: list[str] | None = None,
+             verbose: bool = False) -> dict[str, Any]:
+    """Run every stage that is out of date; log to MLflow; register and promote the one-step model.
+
+    ``overrides``: the ``KEY=VALUE`` list the user gave (``rectflow run --set``); None (the UI form, a
+    deployment run) takes the keys of ``params`` that differ from the resolution of ``params.yaml``.
+    """
+    from rectflow.dvcyaml import write as write_dvc_yaml
     from rectflow.lock import workspace_lock
+    from rectflow.params import write_resolved_params
+    from rectflow.settings import settings
 
     root = Path.cwd().resolve()
     logger = get_run_logger()
     _venv_on_path()
-    with workspace_lock(root, wait=True, timeout=float(os.environ.get("RECTFLOW_LOCK_TIMEOUT", "3600"))):
-        overrides = record_overrides(root / PARAMS_FILE, params)
-        if overrides:
-            logger.info("params.yaml updated with overrides: %s", ", ".join(overrides))
-        tracker_cfg: dict[str, Any] = {"params": dump_params(params), "root": str(root)} if track else {}
+    with workspace_lock(root, wait=True, timeout=settings().lock_timeout):
+        path = root / PARAMS_FILE
+        recorded = record_overrides(path, form_overrides(path, params) if overrides is None else overrides)
+        if recorded:
+            _say(logger, f"params.yaml updated with overrides: {', '.join(recorded)}")
+        res = resolve(path)
+        p = res.params
+        if _flat(p) != _flat(params):
+            wrong = next(k for k, v in _flat(params).items() if _flat(p).get(k) != v)
+            raise ParamsError(f"{path}: resolves to other params than the run's after the overrides ({wrong})")
+        _say(logger, res.note())
+        _, changed = write_dvc_yaml(p, root)
+        if changed:
+            _say(logger, "dvc.yaml regenerated from the stage registry for these params")
+        write_resolved_params(p, root)  # once per run; the resolve stage finds it current
+        tracker_cfg: dict[str, Any] = {"params": dump_params(p), "root": str(root)} if track else {}
         tracker = _tracker(tracker_cfg)
         parent = None
         if tracker:
@@ -246,13 +257,14 @@ def pipeline(params: Params = _defaults(), track: bool = True) -> dict[str, Any]
 
             parent = tracker.start_parent(
                 {"git_commit": git_commit(root), "prefect.flow_run_id": str(flow_run.id),
-                 "prefect.flow_run_name": str(flow_run.name), "rectflow.run_name": f"pipeline {flow_run.name}"},
-                overrides,
+                 "prefect.flow_run_name": str(flow_run.name), "rectflow.run_name": f"pipeline {flow_run.name}",
+                 "rectflow.profile": res.profile or "none"},
+                recorded,
             )
         results = []
         try:
             for stage in STAGES:
-                results.append(stage_task(stage, str(root), parent, tracker_cfg))
+                results.append(stage_task(stage, str(root), parent, tracker_cfg, verbose))
             summary = json.loads(Layout(root).stage_metrics("evaluate").read_text())
             promotion = promote_task(str(root), parent, tracker_cfg) if tracker and parent else {}
             if tracker and parent:
@@ -265,7 +277,15 @@ def pipeline(params: Params = _defaults(), track: bool = True) -> dict[str, Any]
         executed = [r["stage"] for r in results if r["executed"]]
         _artifact(root, tracker, parent, executed, promotion)
         return {"executed": executed, "skipped": [r["stage"] for r in results if not r["executed"]],
-                "mlflow_parent_run_id": parent, "promotion": promotion, "overrides": overrides}
+                "mlflow_parent_run_id": parent, "promotion": promotion, "overrides": recorded}
+
+
+def _say(logger: Any, message: str) -> None:
+    """A line of the pipeline's own: in the Prefect UI's log and on stderr (also when quiet)."""
+    logger.info(message)
+    if logger.getEffectiveLevel() > 20:  # Prefect's console handler would not show it
+        sys.stderr.write(f"[rectflow] {message}\n")
+        sys.stderr.flush()
 
 
 def _venv_on_path() -> None:
@@ -298,12 +318,16 @@ def _artifact(root: Path, tracker, parent: str | None, executed: list[str], prom
         grid_line += f"\n\n![1-RF 1 step | last RF 1 step | distilled | 1-RF 100 steps](data:image/png;base64,{b64})"
     if grids:
         grid_line += "\n\nSample grids (MLflow artifacts plots/samples/): " + ", ".join(g.name for g in grids)
+    resolved = root / "params.resolved.yaml"
+    params_md = (f"\n\n## Params (params.resolved.yaml)\n\n```yaml\n{resolved.read_text()}```\n"
+                 if resolved.is_file() else "")
     md = (f"# rectflow evaluation\n\nStages run: {', '.join(executed) or 'none (all up to date)'}\n\n{mlflow_line}"
-          f"{promo}{grid_line}\n\n{head}{body}")
+          f"{promo}{grid_line}\n\n{head}{body}{params_md}")
     create_markdown_artifact(markdown=md, key="rectflow-evaluation", description="Evaluation table of this pipeline run")
 
 
-def run_cli(params_path: Path, overrides: list[str], starting: "threading.Thread | None" = None) -> dict[str, Any]:
+def run_cli(params_path: Path, overrides: list[str], starting: "threading.Thread | None" = None,
+            verbose: bool = False) -> dict[str, Any]:
     """``rectflow run``: validate, then run the flow in this process (ephemeral Prefect by default).
 
     ``starting``: the thread of :func:`flows.prefect_server.prestart`, joined before the flow runs.
@@ -315,7 +339,7 @@ def run_cli(params_path: Path, overrides: list[str], starting: "threading.Thread
         _warm_imports()       # import what the stages and the tracker need anyway
         starting.join()
     try:
-        result = pipeline(params=p)
+        result = pipeline(params=p, overrides=list(overrides), verbose=verbose)
     finally:
         _drain_prefect_workers()
     print(json.dumps(result), flush=True)
@@ -339,11 +363,10 @@ def _drain_prefect_workers(timeout: float = 10.0) -> None:
 
 
 def _warm_imports() -> None:
-    """Import what the stages (run in this process) and the MLflow tracker need."""
+    """Import what the MLflow tracker needs (the stages run in DVC's processes)."""
     import importlib
 
-    for module in ("torch", "dvc.repo", "mlflow", "flows.tracking", "flows.registry",
-                   *(f"tasks.{stage}" for stage in STAGES)):
+    for module in ("mlflow", "flows.tracking", "flows.registry"):
         try:
             importlib.import_module(module)
         except ImportError:

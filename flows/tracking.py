@@ -117,17 +117,22 @@ class Tracker:
         run = self.client.create_run(self.experiment_id, run_name=tags.get("rectflow.run_name", "pipeline"), tags=tags)
         params = {k: v for k, v in flatten(self.p.model_dump(mode="json")).items() if _safe(k)}
         self._log_params(run.info.run_id, params)
+        resolved = self.root / "params.resolved.yaml"
+        if resolved.is_file():  # the document the stages run with, as DVC tracks it
+            self.client.log_artifact(run.info.run_id, str(resolved))
         if overrides:
             self.client.log_batch(run.info.run_id, params=[Param("overrides", "; ".join(overrides)[:6000])])
         return run.info.run_id
 
-    def start_child(self, parent_id: str, stage: str, tags: dict[str, str]) -> str:
+    def start_child(self, parent_id: str, stage: str, keys: tuple[str, ...], tags: dict[str, str]) -> str:
+        """A stage's run, with the resolved params it reads (``keys``: its registry entry's params)
+        logged exactly as ``params.resolved.yaml`` has them."""
         run = self.client.create_run(
             self.experiment_id, run_name=stage, tags={"mlflow.parentRunId": parent_id, "rectflow.stage": stage} | tags
         )
-        section = getattr(self.p, stage, None)
-        if section is not None:
-            self._log_params(run.info.run_id, {f"{stage}.{k}": v for k, v in flatten(section.model_dump(mode="json")).items()})
+        flat = flatten(self.p.model_dump(mode="json"))
+        wanted = {k: v for k, v in flat.items() if any(k == key or k.startswith(f"{key}.") for key in keys)}
+        self._log_params(run.info.run_id, {k: v for k, v in wanted.items() if _safe(k)})
         return run.info.run_id
 
     def end(self, run_id: str, status: str = "FINISHED") -> None:

@@ -14,8 +14,10 @@ Fast", 2022).
 
 Layers
 ------
-``rectflow`` (this package) is the core library: math and I/O only. It imports neither Prefect nor
-MLflow nor DVC. ``tasks/`` holds one thin module per pipeline stage, ``flows/`` the Prefect wiring.
+``rectflow`` (this package) is the core library: math, data, networks, solvers, training, I/O, params
+and the stage registry. It imports no orchestration (Prefect, MLflow, DVC, Dask) and nothing of
+``tasks/`` (one thin module per stage, and the runner) or ``flows/`` (the CLI, Prefect, MLflow,
+Dask). Imports point one way: core ← stages ← runner ← CLI / orchestration (README, "Layout").
 """
 
 __version__ = "0.1.0"

@@ -1,18 +1,21 @@
-"""Typed parameters: one frozen pydantic model per section of ``params.yaml``.
+"""Typed parameters: one frozen, strict pydantic model per section of ``params.yaml``.
+
+(About 420 lines on purpose: the whole schema, every key with its default and description, in one
+place that the Prefect form, docs and validation all come from.)
 
 Every model forbids unknown keys, so a typo (``pretrain.stpes``) is an error that names the key, never a
-silent default. :func:`load_params` is the only way the pipeline reads parameters; it applies
-``--set KEY=VALUE`` overrides (dotted keys, YAML-typed values, like ``dvc exp run -S``) and raises
-:class:`ParamsError` with one line that names the culprit.
+silent default, and types are strict: a boolean is never a number, a float is never an integer
+(``1e-3`` is a float: :mod:`rectflow.params` reads YAML with 1.2 rules). This module is the schema and
+its built-in defaults; :func:`rectflow.params.resolve` is the only way the pipeline reads parameters
+(defaults < profile < ``params.yaml`` < ``--set``, by key presence) and raises :class:`ParamsError`
+with one line that names the culprit.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 BUILTIN_2D = ("moons", "8gaussians", "checkerboard", "scurve", "circles", "swissroll", "gaussian")
@@ -40,11 +43,11 @@ class ParamsError(ValueError):
 class Section(BaseModel):
     """Base of every section: frozen, unknown keys forbidden, assignment validated."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True, strict=True)
 
 
 class DataParams(Section):
-    """π0 (``source``) and π1 (``target``): built-in names or ``file`` with a path (CONTRACT.md)."""
+    """π0 (``source``) and π1 (``target``): built-in names or ``file`` with a path (docs/contract.md)."""
 
     source: DataName = Field("gaussian", description="Source π0: gaussian, a built-in set, or file.")
     source_path: str | None = Field(None, description="Parquet/.npy/.npz file when source is 'file'.")
@@ -289,7 +292,9 @@ class BellmanParams(Section):
 class TrackingParams(Section):
     mlflow_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI.")
     experiment: str = "rectflow"
-    registered_model: str = "rectflow-onestep"
+    registered_model: str | None = Field(
+        None, description="Registered name of the one-step model; None: derived from the task (source, target, "
+        "shape), so two tasks never share a champion.")
     on_unreachable: Literal["fallback", "fail"] = Field(
         "fallback", description="MLflow server down: log to local sqlite instead, or stop."
     )
@@ -311,67 +316,13 @@ class ScheduleParams(Section):
     timezone: str = "UTC"
 
 
-_SECTION_CLASSES: dict[str, type[Section]] = {
-    "pretrain": PretrainParams, "couple": CoupleParams, "reflow": ReflowParams,
-    "distill": DistillParams, "evaluate": EvaluateParams, "bellman": BellmanParams,
-}
-
-
-def _image_budget() -> dict[str, dict[str, Any]]:
-    return {
-        "pretrain": {"steps": 4000, "batch_size": 128, "lr": 5e-4, "precision": "bf16"},
-        # Round 1 (the curved rf1) needs 100 fp32 steps; the nearly straight rf2 is coupled 12× as
-        # many times with 20 bf16 steps (BENCHMARKS.md, "More pairs for distillation on digits"):
-        # the adversarial student gains from 120k pairs where regression alone does not.
-        "couple": {"n_pairs": 10_000, "shard_size": 2500, "batch_size": 2500, "solver": "euler", "steps": 100,
-                   "reflowed": {"n_pairs": 120_000, "steps": 20, "precision": "bf16", "schedule": "bellman"}},
-        # U-shaped p(t) and pseudo-Huber: the best 2-RF on digits (BENCHMARKS.md, reflow ablation)
-        "reflow": {"steps": 3000, "batch_size": 128, "lr": 2e-4, "precision": "bf16",
-                   "time_dist": "u_shaped", "loss": "pseudo_huber"},
-        # the adversarial term: distilled FD 1.62 against 2.04 by regression alone on 40k pairs, 1.52
-        # on 120k (where regression alone stays at 2.19): BENCHMARKS.md, "Adversarial distillation"
-        "distill": {"steps": 3000, "batch_size": 128, "lr": 1e-4, "precision": "bf16", "adversarial": {"weight": 0.01}},
-        # RK45 at 1e-4: digits FD of rf1 / rf2 1.383 / 1.362 with 80 / 92 NFE, against 1.376 / 1.366
-        # with 236 / 152 NFE at the vector default 1e-5 (BENCHMARKS.md, "Adversarial distillation")
-        "evaluate": {"n_samples": 1000, "latency_batch": 256, "rtol": 1e-4, "atol": 1e-4},
-        "bellman": {"n_samples": 256},
-    }
-
-
-class ImagesParams(Section):
-    """Budgets for image data (c, h, w), where a U-Net step costs ~100× an MLP step on a CPU.
-
-    When the target is images, each key here replaces the stage key's *built-in default*; a value set
-    in the stage section itself (in params.yaml or with ``--set``) always wins.
-    """
-
-    pretrain: dict[str, Any] = Field(default_factory=lambda: _image_budget()["pretrain"])
-    couple: dict[str, Any] = Field(default_factory=lambda: _image_budget()["couple"])
-    reflow: dict[str, Any] = Field(default_factory=lambda: _image_budget()["reflow"])
-    distill: dict[str, Any] = Field(default_factory=lambda: _image_budget()["distill"])
-    evaluate: dict[str, Any] = Field(default_factory=lambda: _image_budget()["evaluate"])
-    bellman: dict[str, Any] = Field(default_factory=lambda: _image_budget()["bellman"])
-
-    @model_validator(mode="after")
-    def _keys_exist(self) -> ImagesParams:
-        for section, values in self.model_dump().items():
-            cls = _SECTION_CLASSES[section]
-            unknown = sorted(set(values) - set(cls.model_fields))
-            if unknown:
-                raise ValueError(f"images.{section}.{unknown[0]}: unknown key")
-            try:
-                cls.model_validate(values)
-            except ValidationError as e:  # name the budget key in full: images.distill.adversarial.weight
-                first = e.errors()[0]
-                key = ".".join(str(part) for part in first["loc"])
-                msg = "unknown key" if first["type"] == "extra_forbidden" else " ".join(str(first["msg"]).split())
-                raise ValueError(f"images.{section}.{key}: {msg}") from None
-        return self
-
-
 class Params(Section):
-    """The whole ``params.yaml``."""
+    """The whole resolved parameter document (``params.resolved.yaml``)."""
 
+    profile: str = Field(
+        "auto", description="Defaults for a kind of run, between the built-in defaults and params.yaml: auto (the "
+        "images profile for image targets, none otherwise), none, a profile name (rectflow/profiles/NAME.yaml) "
+        "or a path to a YAML file.")
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
@@ -385,7 +336,6 @@ class Params(Section):
     tracking: TrackingParams = TrackingParams()
     storage: StorageParams = StorageParams()
     schedule: ScheduleParams = ScheduleParams()
-    images: ImagesParams = ImagesParams()
 
     @model_validator(mode="after")
     def _schedules_within_grid(self) -> Params:
@@ -404,47 +354,12 @@ class Params(Section):
                                  "largest K of a saved BOSS schedule")
         return self
 
-    def effective(self) -> Params:
-        """These params as the stages use them: the ``images`` budget applied when the target is images."""
-        if not target_is_images(self.data):
-            return self
-        updates: dict[str, Any] = {}
-        for section, values in self.images.model_dump().items():
-            current = getattr(self, section)
-            changes = _budget_changes(current, values)
-            if changes:
-                updates[section] = type(current).model_validate(current.model_dump() | changes)
-        eff = self.model_copy(update=updates)
-        try:  # the checks across sections, on the budgeted values (a BOSS K within bellman.grid_points)
-            eff._schedules_within_grid()
-        except ValueError as e:
-            raise ParamsError(f"{e} (with the images budget applied)") from None
-        det = eff.evaluate.inception
-        if det and not Path(det).expanduser().is_file():  # before any stage runs, not after training
-            raise ParamsError(inception_missing(det))
-        return eff
 
 
 def inception_missing(path: str | Path) -> str:
     """The one-line error for an ``evaluate.inception`` file that is not there (params and rectflow.fid)."""
     return (f"evaluate.inception: {path} does not exist (a TorchScript Inception-v3 detector on disk, such as "
             "inception-2015-12-05.pt; nothing is downloaded)")
-
-
-def _budget_changes(current: Section, values: dict[str, Any]) -> dict[str, Any]:
-    """The keys of an ``images`` budget that apply to ``current``: those still at their built-in
-    default, key by key inside a nested section (``couple.reflowed``)."""
-    fields = type(current).model_fields
-    changes: dict[str, Any] = {}
-    for k, v in values.items():
-        now = getattr(current, k)
-        if isinstance(now, Section) and isinstance(v, dict):
-            inner = _budget_changes(now, v)
-            if inner:
-                changes[k] = now.model_dump() | inner
-        elif now == fields[k].get_default(call_default_factory=True):
-            changes[k] = v
-    return changes
 
 
 def target_is_images(data: DataParams) -> bool:
@@ -488,41 +403,6 @@ def _format_error(err: ValidationError, source: str) -> str:
     return f"{where}{loc or '<root>'}: {msg}{more}"
 
 
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """``"pretrain.steps=500"`` -> (["pretrain", "steps"], 500); the value is read as YAML."""
-    key, sep, raw = item.partition("=")
-    if not sep or not key.strip():
-        raise ParamsError(f"--set {item!r}: expected KEY=VALUE with a dotted key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except RecursionError:
-        raise ParamsError(f"--set {key}: value is nested too deeply") from None
-    except yaml.YAMLError as e:
-        raise ParamsError(f"--set {key}: value {raw!r} is not valid YAML ({e.__class__.__name__})") from None
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ParamsError(f"--set {key}: value must be finite, got {raw!r}")
-    return key.strip().split("."), value
-
-
-def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of ``doc`` with each ``KEY=VALUE`` applied (dotted keys, nested dicts)."""
-    import copy
-
-    out = copy.deepcopy(doc)
-    for item in overrides:
-        path, value = parse_override(item)
-        node = out
-        for i, part in enumerate(path[:-1]):
-            nxt = node.get(part)
-            if nxt is None:
-                nxt = node[part] = {}
-            if not isinstance(nxt, dict):
-                raise ParamsError(f"--set {item.partition('=')[0]}: {'.'.join(path[: i + 1])} is not a section")
-            node = nxt
-        node[path[-1]] = value
-    return out
-
-
 def validate(doc: Any, source: str = "") -> Params:
     """Validate a parsed params document; raise :class:`ParamsError` naming the first bad key."""
     if doc is None:
@@ -537,33 +417,6 @@ def validate(doc: Any, source: str = "") -> Params:
         raise ParamsError(_format_error(e, source)) from None
     except (TypeError, ValueError) as e:  # defensive: pydantic wraps almost everything
         raise ParamsError(f"{source or 'params'}: {e}") from None
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ParamsError(f"{p}: params file not found")
-    try:
-        doc = yaml.safe_load(p.read_text())
-    except UnicodeDecodeError:
-        raise ParamsError(f"{p}: not UTF-8 text") from None
-    except RecursionError:
-        raise ParamsError(f"{p}: a value is nested too deeply") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ParamsError(f"{p}: not valid YAML{at}") from None
-    if doc is None:
-        return {}
-    if not isinstance(doc, dict):
-        raise ParamsError(f"{p}: expected a mapping of sections, got {type(doc).__name__}")
-    return doc
-
-
-def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
-    """Read ``path``, apply ``overrides`` (``KEY=VALUE``), validate. Raises :class:`ParamsError`."""
-    doc = apply_overrides(read_yaml(path), overrides or [])
-    return validate(doc, str(path))
 
 
 def dump_params(p: Params) -> dict[str, Any]:

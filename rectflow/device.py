@@ -14,7 +14,9 @@ def pick_device() -> torch.device:
 
     Under ``torchrun`` the local rank selects the GPU.
     """
-    name = os.environ.get("RECTFLOW_DEVICE")
+    from rectflow.settings import settings
+
+    name = settings().device
     if name:
         return torch.device(name)
     if torch.cuda.is_available():

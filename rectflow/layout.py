@@ -1,4 +1,4 @@
-"""Where the pipeline's files live, relative to the workspace root (CONTRACT.md, "Files")."""
+"""Where the pipeline's files live, relative to the workspace root (docs/contract.md, "Files")."""
 
 from __future__ import annotations
 

@@ -16,38 +16,13 @@ import torch
 from torch import Tensor, nn
 
 from rectflow.io import atomic_write_bytes, atomic_write_json, file_sha256
+from rectflow.layers import SinusoidalEmbedding, time_vector
 
-__all__ = ["MLPVelocity", "ModelError", "SinusoidalEmbedding", "build_model", "load_model", "save_model"]
+__all__ = ["MLPVelocity", "ModelError", "SinusoidalEmbedding", "build_model", "save_model"]
 
 
 class ModelError(ValueError):
     """A model file is missing, unreadable, or its weights do not match its architecture."""
-
-
-def _time_vector(t: Tensor | float, batch: int, ref: Tensor) -> Tensor:
-    """Broadcast ``t`` (scalar, ``()`` or ``(B,)``) to a ``(B,)`` tensor on ``ref``'s device/dtype."""
-    t = torch.as_tensor(t, device=ref.device, dtype=ref.dtype)
-    if t.ndim == 0:
-        return t.expand(batch)
-    if t.shape != (batch,):
-        raise ValueError(f"t: expected a scalar or shape ({batch},), got {tuple(t.shape)}")
-    return t
-
-
-class SinusoidalEmbedding(nn.Module):
-    """``t`` in [0, 1], shape ``(B,)`` -> ``(B, dim)`` sin/cos features of ``1000·t``."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        if dim % 2:
-            raise ValueError(f"time embedding width must be even, got {dim}")
-        half = dim // 2
-        freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, dtype=torch.float32) / half)
-        self.register_buffer("freqs", freqs, persistent=False)
-
-    def forward(self, t: Tensor) -> Tensor:
-        arg = 1000.0 * t[:, None].float() * self.freqs[None]
-        return torch.cat([arg.sin(), arg.cos()], dim=1).to(t.dtype)
 
 
 class MLPVelocity(nn.Module):
@@ -71,7 +46,7 @@ class MLPVelocity(nn.Module):
         if tuple(x.shape[1:]) != self.shape:
             raise ValueError(f"x: expected shape (B, {', '.join(map(str, self.shape))}), got {tuple(x.shape)}")
         b = x.shape[0]
-        h = torch.cat([x.reshape(b, -1), self.temb(_time_vector(t, b, x))], dim=1)
+        h = torch.cat([x.reshape(b, -1), self.temb(time_vector(t, b, x))], dim=1)
         return self.net(h).reshape(x.shape)
 
 
@@ -207,31 +182,6 @@ def _check_against_card(stem: Path, state: dict[str, Tensor]) -> None:
         raise ModelError(f"{stem.with_suffix('.json')}: architecture incomplete or invalid "
                          f"({e.__class__.__name__}: {' '.join(str(e).split())[:200]})") from None
     check_state(model, state, stem.with_suffix(".safetensors"))
-
-
-def load_model(stem: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild ``stem`` from its JSON and load its safetensors weights (strict, shape-checked).
-
-    Quantized variants (``meta.quant`` set) are rebuilt by :mod:`rectflow.quant`.
-    Returns ``(module in eval mode, card)``.
-    """
-    card = read_model_card(stem)
-    quant = card.get("meta", {}).get("quant")
-    if quant:
-        from rectflow.quant import load_quantized
-
-        return load_quantized(Path(stem), card, device), card
-    try:
-        model = build_model(card["arch"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        if isinstance(e, ModelError):
-            raise
-        raise ModelError(f"{Path(stem).with_suffix('.json')}: architecture incomplete or invalid "
-                         f"({e.__class__.__name__}: {' '.join(str(e).split())[:200]})") from None
-    state = load_state(stem)
-    check_state(model, state, Path(stem).with_suffix(".safetensors"))
-    model.load_state_dict(state)
-    return model.to(device).eval(), card
 
 
 def check_state(model: nn.Module, state: dict[str, Tensor], where: Path) -> None:

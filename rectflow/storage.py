@@ -1,5 +1,8 @@
 """Object storage: one small interface over a local folder and an S3-compatible bucket.
 
+(One file of ~650 lines on purpose: the interface, both stores, their settings and the boto3 and
+pyarrow plumbing are one unit that is read, tested and changed together.)
+
 The pipeline writes coupling shards, manifests and other artifacts through a :class:`Store`:
 
 * :class:`LocalStore` keeps objects as files under a root folder;
@@ -592,12 +595,13 @@ class S3Store:
 def make_store(storage_params: StorageParams | None, root: Path | str) -> Store:
     """The store for this run.
 
-    :class:`LocalStore` under ``root`` when ``storage.backend`` is ``local`` and
-    ``RECTFLOW_S3_BUCKET`` is not set; otherwise :class:`S3Store` on
-    :meth:`StorageSettings.from_params`. Touches no network: call :func:`check` for that.
+    :class:`LocalStore` under ``root`` when ``storage.backend`` is ``local``, whatever the
+    environment says (where data goes is a param, which DVC versions, never a machine setting);
+    :class:`S3Store` on :meth:`StorageSettings.from_params` when it is ``s3``. Touches no network:
+    call :func:`check` for that.
     """
     params = storage_params or StorageParams()
-    if params.backend == "local" and not os.environ.get("RECTFLOW_S3_BUCKET"):
+    if params.backend == "local":
         return LocalStore(root)
     return S3Store(StorageSettings.from_params(params))
 

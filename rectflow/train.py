@@ -1,5 +1,8 @@
 """One training loop for pretrain, reflow and distill (nanoGPT-style: no trainer framework).
 
+(Just over 400 lines on purpose: the loop, its checkpoint/resume and its data-parallel paths are
+read as one, as in nanoGPT.)
+
 Each step draws a batch of pairs ``(x0, x1)`` ``(B, *shape)`` from a :class:`BatchSource`, times
 ``t`` ``(B,)`` from p(t), and minimises D(x1 − x0, v(x_t, t)) (:mod:`rectflow.flow`). AdamW with
 linear warm-up (then a constant or cosine-decayed learning rate), gradient-norm clipping, an EMA of

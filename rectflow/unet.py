@@ -9,7 +9,7 @@ Layout for ``channel_mult = (m_0, …, m_{L-1})`` (``L`` levels, base width ``C`
     GroupNorm → SiLU → conv_out (zero-initialised) ─▶ (B, c, h, w)
 
 The time ``t`` ∈ [0, 1] (package convention: ``x_t = t·x1 + (1 − t)·x0``, sampling from 0 to 1) enters
-through the package's sinusoidal embedding (:class:`rectflow.nets.SinusoidalEmbedding`), which scales
+through the package's sinusoidal embedding (:class:`rectflow.layers.SinusoidalEmbedding`), which scales
 ``t`` by 1000 so that its frequencies (periods 2π … 2π·10⁴) resolve [0, 1] as finely as DDPM's integer
 steps, followed by a two-layer MLP; every ResBlock adds a per-channel projection of that embedding
 after its first convolution. The zero-initialised output convolution makes a freshly built network
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rectflow.nets import SinusoidalEmbedding
+from rectflow.layers import SinusoidalEmbedding, time_vector
 
 
 def _groups(channels: int) -> int:
@@ -174,13 +174,7 @@ class UNetVelocity(nn.Module):
             raise ValueError(
                 f"UNetVelocity: x must have per-sample shape (c, h, w) = {self.shape}, got {tuple(x.shape[1:])}"
             )
-        b = x.shape[0]
-        t = torch.as_tensor(t, device=x.device, dtype=x.dtype)
-        if t.ndim == 0:
-            return t.expand(b)
-        if t.shape != (b,):
-            raise ValueError(f"UNetVelocity: t must be a scalar or have shape ({b},), got {tuple(t.shape)}")
-        return t
+        return time_vector(t, x.shape[0], x, "UNetVelocity")
 
     def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
         """Velocity at ``(x, t)``.

@@ -1,15 +1,26 @@
 #!/usr/bin/env bash
 # Install the Debian packages that the test suite's real servers need, only if they are missing.
 #
-#   scripts/install-test-services.sh
+#   scripts/install-test-services.sh [--required | --if-possible]
 #
 # Today that is OpenStack Swift with its s3api middleware plus memcached: tests/s3 starts a real
-# S3-compatible server on loopback with rectflow.testing.swift.SwiftS3Server. Idempotent: when
+# S3-compatible server on loopback with tests.support.swift.SwiftS3Server. Idempotent: when
 # every package is already installed it does nothing (no apt-get update). Runs as root (or through
-# sudo when it is available) with no stdin.
+# sudo when it is available without a password) with no stdin.
+#
+# When it cannot install them (no apt-get, not root and no passwordless sudo, apt-get failing) it
+# prints one line naming the packages and the reason, then exits 1 (--required, the default, what
+# .ci/run uses) or 0 (--if-possible, what `make test` uses: the tests that need them then skip).
 set -euo pipefail
 
 PACKAGES=(swift swift-proxy swift-account swift-container swift-object memcached)
+
+mode=required
+case "${1:-}" in
+  ""|--required) mode=required ;;
+  --if-possible) mode=if-possible ;;
+  *) echo "usage: $0 [--required | --if-possible]" >&2; exit 2 ;;
+esac
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
@@ -22,9 +33,18 @@ if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
 
-if ! command -v apt-get >/dev/null 2>&1; then
-  echo "install-test-services: apt-get not found; install these Debian packages by hand: ${missing[*]}" >&2
+# One line: which packages, why not, and what happens next.
+cannot() {
+  if [ "$mode" = if-possible ]; then
+    echo "install-test-services: cannot install ${missing[*]}: $1; the tests that need them (tests/s3) will skip" >&2
+    exit 0
+  fi
+  echo "install-test-services: cannot install ${missing[*]}: $1" >&2
   exit 1
+}
+
+if ! command -v apt-get >/dev/null 2>&1; then
+  cannot "apt-get not found (not Debian or Ubuntu?); install these Debian packages by hand"
 fi
 
 SUDO=()
@@ -32,8 +52,7 @@ if [ "$(id -u)" -ne 0 ]; then
   if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
     SUDO=(sudo -n env DEBIAN_FRONTEND=noninteractive)
   else
-    echo "install-test-services: need root (or passwordless sudo) to install: ${missing[*]}" >&2
-    exit 1
+    cannot "not root and no passwordless sudo; run scripts/install-test-services.sh as root"
   fi
 fi
 
@@ -45,17 +64,19 @@ for pkg in "${missing[@]}"; do
   cand=$(apt-cache policy "$pkg" 2>/dev/null | awk '/Candidate:/ {print $2}')
   if [ -z "$cand" ] || [ "$cand" = "(none)" ]; then needs_update=1; break; fi
 done
-install() {
+apt_update() {
+  "${SUDO[@]}" apt-get update -q </dev/null
+}
+apt_install() {
   "${SUDO[@]}" apt-get install -y -q --no-install-recommends \
     -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "${missing[@]}" </dev/null
 }
+failed="apt-get failed (its messages are above)"
 if [ "$needs_update" -eq 1 ]; then
-  "${SUDO[@]}" apt-get update -q </dev/null
-  install
-elif ! install; then
+  { apt_update && apt_install; } || cannot "$failed"
+elif ! apt_install; then
   # Stale package lists (a version no longer on the mirror): refresh once and try again.
-  "${SUDO[@]}" apt-get update -q </dev/null
-  install
+  { apt_update && apt_install; } || cannot "$failed"
 fi
 
 echo "install-test-services: done"

@@ -13,7 +13,8 @@ from rectflow.adversarial import Adversary
 from rectflow.config import Params, TrainParams
 from rectflow.device import pick_device
 from rectflow.layout import Layout
-from rectflow.nets import count_params, load_model, read_model_card, save_model
+from rectflow.nets import count_params, read_model_card, save_model
+from rectflow.models import load_model
 from rectflow.train import BatchSource, clear_checkpoint, fingerprint, train
 
 
@@ -162,7 +163,7 @@ def open_pairs(p: Params, layout: Layout, round_k: int, seed: int, dev: torch.de
         if missing:
             raise ManifestError(f"{local / missing[0]}: listed in the manifest but missing")
     except ManifestError:
-        from tasks.couple import remote_round
+        from tasks.remote import remote_round
 
         remote = remote_round(p, layout, round_k)
         if remote is None:

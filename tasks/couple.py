@@ -15,13 +15,14 @@ invalid ones. The finished round is moved to ``data/couplings/round-K/`` in one 
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ from rectflow.pairs import MANIFEST, shard_name, write_shard
 from rectflow.solvers import solve
 from rectflow.train import fingerprint
 from tasks._common import device, model_sha, teacher
+from tasks.remote import RemoteRound, remote_round
 
 
 def shard_seed(seed: int, round_k: int, index: int) -> int:
@@ -43,10 +45,85 @@ def shard_seed(seed: int, round_k: int, index: int) -> int:
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
+def dask_address(c: CoupleParams) -> str | None:
+    """The Dask scheduler to use: ``RECTFLOW_DASK_ADDRESS``, else ``couple.dask_address``, else None."""
+    from rectflow.settings import settings
+
+    return settings().dask_address or c.dask_address or None
+
+
 def uses_dask(c: CoupleParams) -> bool:
     """Whether shards are made on Dask: ``couple.workers`` > 1, ``couple.dask_address``, or
-    ``RECTFLOW_DASK_ADDRESS`` set."""
-    return c.workers > 1 or bool(c.dask_address or os.environ.get("RECTFLOW_DASK_ADDRESS"))
+    ``RECTFLOW_DASK_ADDRESS`` set. The orchestration side then hands the stage a
+    :class:`ShardExecutor` (``flows/dask.py``); the stage itself never starts a cluster."""
+    return c.workers > 1 or bool(dask_address(c))
+
+
+class ShardExecutor(Protocol):
+    """Makes shards elsewhere (a Dask cluster): what the orchestration side hands couple and reflow.
+
+    ``map(job, todo, rows)`` runs ``job(i, rows[i])`` for every ``i`` in ``todo`` and yields each
+    ``(i, manifest entry)`` as its shard lands in the staging folder (in any order); an exception of
+    a job is raised from the iterator. ``describe(c)`` names where the shards go, for the log.
+    """
+
+    def describe(self, c: CoupleParams) -> str: ...
+
+    def map(self, job: ShardJob, todo: list[int], rows: list[int]) -> Iterator[tuple[int, dict[str, Any]]]: ...
+
+
+_WORKER_CACHE: dict[tuple[str, int, str, str | None], tuple[Any, Any, tuple[int, ...], Any, Any]] = {}
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One round's shard-making, as a picklable callable for another process: ``job(i, rows)``
+    makes, writes (and uploads) shard ``i`` and returns ``(i, entry)``.
+
+    It carries only small things (params, paths, hashes); a worker process loads ``models/rfK``,
+    its schedule and the prepared source from the shared workspace once and keeps them for its next
+    shards, and refuses to work when it sees other weights or another schedule than the process that
+    started the round (a workspace not shared at the same path).
+    """
+
+    p: Params
+    root: str
+    round_k: int
+    staging: str
+    model_sha: str
+    remote: Any = None
+    schedule_sha: str | None = None
+
+    def __call__(self, index: int, rows: int) -> tuple[int, dict[str, Any]]:
+        torch.set_num_threads(1)  # one thread per worker process: the cluster is the parallelism
+        model, source, shape, dev, times = self._inputs()
+        z0, z1, nfe = generate_shard(self.p, model, source, shape, self.round_k, index, rows, dev, times)
+        return index, _write(Path(self.staging), index, z0, z1, nfe, lambda i, e: None, self.remote)
+
+    def _inputs(self) -> tuple[Any, Any, tuple[int, ...], Any, Any]:
+        key = (self.root, self.round_k, self.model_sha, self.schedule_sha)
+        if key not in _WORKER_CACHE:
+            from rectflow.nets import ModelError
+            from rectflow.schedule import schedule_path
+
+            layout = Layout(Path(self.root))
+            dev = device()
+            name = f"rf{self.round_k}"
+            model, card = teacher(layout, name, dev)  # verifies the weights against the card
+            if card["meta"].get("sha256") != self.model_sha:
+                raise ModelError(f"{layout.model(name)}: this worker sees other weights than the process that "
+                                 "started the round (is the workspace shared at the same path?)")
+            times = None
+            if self.schedule_sha is not None:
+                sched = schedule_path(layout.model(name))
+                if not sched.is_file() or file_sha256(sched) != self.schedule_sha:
+                    raise ModelError(f"{sched}: this worker sees another step schedule than the process that "
+                                     "started the round (is the workspace shared at the same path?)")
+                times = round_times(self.p, layout, self.round_k)
+            source = load_prepared(layout.prepared, "source", "train")
+            _WORKER_CACHE.clear()
+            _WORKER_CACHE[key] = (model, source, tuple(card["arch"]["shape"]), dev, times)
+        return _WORKER_CACHE[key]
 
 
 def shard_rows(n_pairs: int, shard_size: int) -> list[int]:
@@ -137,25 +214,23 @@ def _read_manifest_or_none(path: Path) -> dict[str, Any] | None:
     return man
 
 
-def run_round(p: Params, layout: Layout, round_k: int) -> dict:
+def run_round(p: Params, layout: Layout, round_k: int, shard_executor: ShardExecutor | None = None) -> dict:
     """Make (or finish) coupling round ``round_k`` from ``models/rf{round_k}``.
 
     Resumable: every shard is first written under a temporary name, its manifest entry (rows,
     sha256) is recorded in the staging manifest, and only then is it renamed into place. A rerun
     verifies each listed shard by sha256, keeps the good ones and makes only the missing or invalid
-    ones; a finished round that was damaged afterwards is repaired the same way.
+    ones; a finished round that was damaged afterwards is repaired the same way. With Dask
+    settings (:func:`uses_dask`) the shards are made by ``shard_executor``, which the caller must give.
     """
     p = p.model_copy(update={"couple": p.couple.for_round(round_k)})  # rounds ≥ 2: couple.reflowed applied
     c = p.couple
     use_dask = uses_dask(c)
-    if use_dask:
-        try:
-            from tasks.couple_dask import generate_on_dask  # optional: needs dask
-        except ImportError as e:
-            from rectflow.config import ParamsError
+    if use_dask and shard_executor is None:
+        from rectflow.config import ParamsError
 
-            raise ParamsError(f"couple.workers: {c.workers} needs the Dask backend, which is not available "
-                              f"({e.__class__.__name__}: {e}); use couple.workers=1") from None
+        raise ParamsError(f"couple.workers: {c.workers} (or a Dask address) needs a Dask executor, which "
+                          "`rectflow stage couple` provides; use couple.workers=1 to couple in this process")
     dev = device()
     name = f"rf{round_k}"
     model, card = teacher(layout, name, dev)
@@ -238,7 +313,19 @@ def run_round(p: Params, layout: Layout, round_k: int) -> dict:
 
     if use_dask and todo:
         # Each Dask task writes its shard into staging (and uploads it) and returns its entry.
-        for i, entry in generate_on_dask(p, layout, round_k, todo, rows, staging):  # workers read the schedule
+        assert shard_executor is not None
+        schedule_sha = None
+        if times is not None:  # workers read the schedule file themselves; this is its hash
+            from rectflow.schedule import schedule_path
+
+            schedule_sha = file_sha256(schedule_path(layout.model(name)))
+        job = ShardJob(p, str(Path(layout.root).absolute()), round_k, str(staging.absolute()), model_sha(layout, name),
+                       remote, schedule_sha)
+        print(f"[couple] round {round_k}: {len(todo)} shard(s) on {shard_executor.describe(c)}", file=sys.stderr,
+              flush=True)
+        for done, (i, entry) in enumerate(shard_executor.map(job, todo, rows), 1):
+            print(f"[couple] round {round_k}: shard {i + 1}/{len(rows)} made on Dask (NFE {entry['nfe']}, "
+                  f"{done}/{len(todo)})", file=sys.stderr, flush=True)
             publish(i, entry)
     else:
         # One writer thread: writing shard i overlaps solving shard i + 1, and every manifest
@@ -284,57 +371,6 @@ def _write(
     return entry
 
 
-class RemoteRound:
-    """The object-store copy of round K: ``couplings/round-K/`` (shards, then ``manifest.json``).
-
-    Picklable (an :class:`~rectflow.storage.S3Store` pickles by its settings alone), so Dask tasks
-    upload their own shards. Credentials come from the environment of whichever process uploads.
-    """
-
-    def __init__(self, store: Any, round_k: int) -> None:
-        self.store, self.prefix = store, f"couplings/round-{round_k}"
-
-    def url(self) -> str:
-        return str(self.store.url(self.prefix))
-
-    def put_file(self, path: Path) -> None:
-        self.store.put_file(path, f"{self.prefix}/{path.name}")
-
-    def sync(self, round_dir: Path, names: list[str]) -> None:
-        """Make the store's copy equal to the finished local round ``round_dir`` (a round made while
-        storage was local, or whose upload was cut short): nothing to do if the manifests agree."""
-        from rectflow.storage import ObjectNotFoundError
-
-        local = (round_dir / MANIFEST).read_bytes()
-        try:
-            if self.store.read_bytes(f"{self.prefix}/{MANIFEST}") == local:
-                return
-        except ObjectNotFoundError:
-            pass
-        print(f"[couple] {round_dir.name}: uploading to {self.url()}", file=sys.stderr, flush=True)
-        import json
-
-        marker = json.loads(local) | {"complete": False}  # readers refuse the copy until it is whole
-        self.store.write_bytes(f"{self.prefix}/{MANIFEST}", (json.dumps(marker, indent=2) + "\n").encode())
-        for name in names:
-            self.put_file(round_dir / name)
-        self.put_file(round_dir / MANIFEST)
-
-
-def remote_round(p: Params, layout: Layout, round_k: int, check: bool = True) -> RemoteRound | None:
-    """Round ``round_k``'s copy in the object store when ``storage`` is S3 (else None; the local
-    round is the only copy). ``check``: verify access now (credentials, endpoint, bucket)."""
-    from rectflow.storage import S3Store, make_store
-    from rectflow.storage import check as check_store
-
-    store = make_store(p.storage, layout.root)
-    if not isinstance(store, S3Store):
-        return None
-    if check:
-        check_store(store)
-    return RemoteRound(store, round_k)
-
-
 def _record(man: dict[str, Any], reused: int, made_rows: int, seconds: float) -> dict:
     n = sum(e["rows"] for e in man["shards"])
     return {
@@ -347,5 +383,5 @@ def _record(man: dict[str, Any], reused: int, made_rows: int, seconds: float) ->
     }
 
 
-def run(p: Params, layout: Layout) -> dict:
-    return run_round(p, layout, 1)
+def run(p: Params, layout: Layout, shard_executor: ShardExecutor | None = None) -> dict:
+    return run_round(p, layout, 1, shard_executor)

@@ -13,17 +13,14 @@ from rectflow.adversarial import Adversary
 from rectflow.config import Params
 from rectflow.layout import Layout
 from rectflow.nets import build_model, load_state, read_model_card
+from rectflow.stages import last_flow, student_names
 from tasks._common import device, model_sha, open_pairs, train_and_save
-
-
-def student_names(k: int) -> list[tuple[str, int]]:
-    return [("distilled", 1)] + ([(f"distilled-k{k}", k)] if k > 1 else [])
 
 
 def run(p: Params, layout: Layout) -> dict:
     dev = device()
     last = p.reflow.rounds + 1
-    parent = f"rf{last}"
+    parent = last_flow(p)
     card = read_model_card(layout.model(parent))
     out = []
     for name, k in student_names(p.distill.k):

@@ -1,7 +1,7 @@
 """Stage 7, evaluate: every model × solver × NFE of ``evaluate.grid`` on the same noise.
 
 Writes ``metrics/eval.json`` (``{"rows": [...]}``, one row per (model, solver, schedule, nfe);
-CONTRACT.md), ``metrics/evaluate.json`` (a flat summary for ``dvc metrics``), ``plots/nfe_w2.csv``
+docs/contract.md), ``metrics/evaluate.json`` (a flat summary for ``dvc metrics``), ``plots/nfe_w2.csv``
 (W2 against Euler NFE per flow, a DVC plot) and ``plots/trajectories.png`` (1-RF vs the last flow:
 paths in the plane for vectors, strips of images along t for images). A grid entry with ``schedule: bellman`` runs each flow on its saved BOSS grid for K = each
 of its ``steps`` (``models/NAME.schedule.json``); its rows have ``schedule: bellman`` (others
@@ -26,11 +26,12 @@ from rectflow.config import GridEntry, Params
 from rectflow.data import load_prepared
 from rectflow.io import atomic_path, atomic_write_json
 from rectflow.layout import Layout
-from rectflow.nets import build_model, count_params, load_model
+from rectflow.nets import build_model, count_params
+from rectflow.models import load_model
 from rectflow.schedule import schedule_times
 from rectflow.solvers import solve
 from tasks._common import device
-from tasks.distill import student_names
+from rectflow.stages import flow_names, student_names, variant_names
 
 EVAL_SEED_OFFSET = 10_007
 
@@ -46,14 +47,11 @@ def eval_noise(p: Params, layout: Layout, n: int, shape: tuple[int, ...]) -> tor
 
 
 def model_groups(p: Params, layout: Layout) -> dict[str, list[str]]:
-    flows = [f"rf{k}" for k in range(1, p.reflow.rounds + 2)]
+    flows = flow_names(p)
+    variants = variant_names(p)
     students = []
-    for name, _ in student_names(p.distill.k):
-        students.append(name)
-        if p.quantize.int8:
-            students.append(f"{name}-int8")
-        if p.quantize.half:
-            students.append(f"{name}-bf16")
+    for name, _ in student_names(p.distill.k):  # each student, then its variants
+        students += [name, *(v for v in variants if v.startswith(f"{name}-") and v[len(name) + 1:] in ("int8", "bf16"))]
     return {"flows": flows, "students": students, "all": flows + students}
 
 

@@ -12,9 +12,10 @@ import torch
 
 from rectflow.config import Params
 from rectflow.layout import Layout
-from rectflow.nets import load_model, read_model_card, save_model
+from rectflow.nets import read_model_card, save_model
+from rectflow.models import load_model
 from rectflow.quant import int8_state, pick_backend
-from tasks.distill import student_names
+from rectflow.stages import student_names
 
 
 def run(p: Params, layout: Layout) -> dict:

@@ -12,7 +12,7 @@ from rectflow.config import Params
 from rectflow.layout import Layout
 from rectflow.nets import build_model, load_state
 from tasks._common import device, model_sha, open_pairs, rank_world, save_flow_schedule, train_and_save
-from tasks.couple import run_round
+from tasks.couple import ShardExecutor, run_round
 
 
 def train_on_pairs(p: Params, layout: Layout, round_k: int, schedule: bool = True) -> dict:
@@ -39,14 +39,14 @@ def train_on_pairs(p: Params, layout: Layout, round_k: int, schedule: bool = Tru
     return record
 
 
-def run(p: Params, layout: Layout) -> dict:
+def run(p: Params, layout: Layout, shard_executor: ShardExecutor | None = None) -> dict:
     rounds = []
     rank, world = rank_world()
     for r in range(1, p.reflow.rounds + 1):
         trained = train_on_pairs(p, layout, r)
         # Under torchrun, rank 0 alone couples the next round (on Dask if so configured); the
         # other ranks wait for it, since the next round trains on those pairs.
-        coupled = run_round(p, layout, r + 1) if rank == 0 else {}
+        coupled = run_round(p, layout, r + 1, shard_executor) if rank == 0 else {}
         if world > 1:
             import torch.distributed as dist
 

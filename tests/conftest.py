@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
-from rectflow.testing.tiny import TINY  # noqa: E402  (one list for tests and benchmarks/overhead.py)
+from tests.support.tiny import TINY  # noqa: E402  (one list for tests and benchmarks/overhead.py)
 
 
 @pytest.fixture

@@ -1,4 +1,6 @@
-"""Bad input, table-driven, through the real CLI: every case runs ``rectflow stage …`` as a
+"""(Over 400 lines: one table of cases and the few helpers it needs.)
+
+Bad input, table-driven, through the real CLI: every case runs ``rectflow stage …`` as a
 subprocess and must exit with status 2, print one line on stderr naming the culprit, and leave the
 workspace byte-for-byte as it was (every file's sha256, every directory). Plus: a flipped byte in a
 shard is refused by the next stage and repaired by ``couple``; a NaN/inf loss stops training with
@@ -35,7 +37,7 @@ def sets(overrides: list[str]) -> list[str]:
 
 
 def cli(ws: Path, args: list[str], env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rectflow.cli", *args], cwd=ws, env=env or ENV,
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ws, env=env or ENV,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -173,7 +175,7 @@ CASES = [
     Case("unknown-key", ["stage", "pretrain", "--set", "pretrain.stpes=5"], ["pretrain.stpes", "unknown key"]),
     Case("misspelled-section", ["stage", "pretrain", "--set", "pretrian.steps=5"], ["pretrian", "unknown key"]),
     Case("unknown-key-in-file", ["stage", "pretrain"], ["params.yaml", "pretrain.stpes"],
-         setup=lambda ws: edit_yaml(ws, lambda d: d["pretrain"].update(stpes=5))),
+         setup=lambda ws: edit_yaml(ws, lambda d: d.setdefault("pretrain", {}).update(stpes=5))),
     Case("wrong-type", ["stage", "pretrain", "--set", "pretrain.lr=fast"], "pretrain.lr"),
     Case("wrong-type-section", ["stage", "pretrain", "--set", "pretrain=5"], "pretrain"),
     Case("negative-steps", ["stage", "pretrain", "--set", "pretrain.steps=-5"], ["pretrain.steps", "greater than 0"]),
@@ -187,7 +189,7 @@ CASES = [
     Case("unknown-lr-schedule", ["stage", "reflow", "--set", "reflow.lr_schedule=linear"], ["reflow.lr_schedule", "linear"]),
     # images: checks on the budgeted values stop every stage, not only the one that would hit them
     Case("images-budget-beyond-boss-grid", ["stage", "prepare", "--set", "data.target=digits", "--set",
-                                            "bellman.grid_points=10"], ["couple.reflowed", "images budget"]),
+                                            "bellman.grid_points=10"], ["couple.reflowed", "images profile"]),
     Case("inception-file-missing", ["stage", "prepare", "--set", "data.target=digits", "--set",
                                     "evaluate.inception=inputs/inception-2015-12-05.pt"],
          ["evaluate.inception", "inputs/inception-2015-12-05.pt does not exist"]),
@@ -195,7 +197,7 @@ CASES = [
                                         "evaluate.inception=inputs/inception-2015-12-05.pt"], "evaluate.inception"),
     Case("nan-value", ["stage", "pretrain", "--set", "pretrain.lr=.nan"], ["pretrain.lr", "finite"]),
     Case("inf-value-in-file", ["stage", "pretrain"], "pretrain.lr",
-         setup=lambda ws: edit_yaml(ws, lambda d: d["pretrain"].update(lr=float("inf")))),
+         setup=lambda ws: edit_yaml(ws, lambda d: d.setdefault("pretrain", {}).update(lr=float("inf")))),
     Case("odd-time-embed", ["stage", "pretrain", "--set", "model.time_embed=33"], ["model.time_embed", "even"]),
     Case("set-without-value", ["stage", "pretrain", "--set", "pretrain.steps"], "pretrain.steps"),
     Case("unknown-stage", ["stage", "pretrian"], "pretrian"),

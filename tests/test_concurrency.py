@@ -31,7 +31,7 @@ def sets(overrides: list[str]) -> list[str]:
 
 
 def start(ws: Path, args: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "rectflow.cli", *args], cwd=ws, env=env,
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=ws, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -43,7 +43,7 @@ def prepared(tmp_path_factory, tiny_overrides, tmp_path) -> Path:
         shutil.rmtree(shared, ignore_errors=True)
         shared.mkdir()
         shutil.copy(ROOT / "params.yaml", shared / "params.yaml")
-        r = subprocess.run([sys.executable, "-m", "rectflow.cli", "stage", "prepare", *sets(tiny_overrides)],
+        r = subprocess.run([sys.executable, "-m", "flows.cli", "stage", "prepare", *sets(tiny_overrides)],
                            cwd=shared, env=ENV, capture_output=True, text=True, timeout=240)
         assert r.returncode == 0, r.stderr
         (shared / ".complete").touch()
@@ -53,7 +53,7 @@ def prepared(tmp_path_factory, tiny_overrides, tmp_path) -> Path:
 
 
 def assert_model_sound(ws: Path, sha: str) -> None:
-    from rectflow.nets import load_model
+    from rectflow.models import load_model
 
     data = (ws / "models" / "rf1.safetensors").read_bytes()
     assert hashlib.sha256(data).hexdigest() == sha
@@ -106,10 +106,10 @@ def test_nested_runs_do_not_deadlock_but_strangers_are_refused(prepared, tiny_ov
     args = ["stage", "prepare", *sets(tiny_overrides)]
     with workspace_lock(prepared, wait=False):
         assert os.environ[ENV_HELD] == str(prepared.resolve())
-        child = subprocess.run([sys.executable, "-m", "rectflow.cli", *args], cwd=prepared,
+        child = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=prepared,
                                env=dict(os.environ, RECTFLOW_THREADS="1"), capture_output=True, text=True, timeout=240)
         assert child.returncode == 0, child.stderr
-        stranger = subprocess.run([sys.executable, "-m", "rectflow.cli", *args], cwd=prepared, env=ENV,
+        stranger = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=prepared, env=ENV,
                                   capture_output=True, text=True, timeout=240)
         assert stranger.returncode == 2
         assert f"in use by pid {os.getpid()}" in stranger.stderr, stranger.stderr

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from rectflow.config import Params, ParamsError, apply_overrides, load_params, validate
+from rectflow.config import Params, ParamsError, validate
+from rectflow.params import apply_overrides, load_params
 
 
-def test_repository_params_equal_the_schema_defaults(root):
+def test_repository_params_resolve_to_the_schema_defaults(root):
     assert load_params(root / "params.yaml") == Params()
 
 
@@ -100,19 +101,3 @@ def test_reflowed_rounds_take_their_own_couple_settings():
     assert (r2.n_pairs, r2.solver, r2.steps, r2.precision, r2.schedule) == (400, "euler", 8, "bf16", "bellman")
     assert r2.shard_size == p.couple.shard_size and r2.reflowed == type(p.couple.reflowed)()
     assert Params().couple.for_round(3) == Params().couple  # all null: every round as round 1
-
-
-def test_image_budget_fills_nested_keys_one_by_one():
-    """The images budget sets couple.reflowed key by key: a key the user set wins, the others apply."""
-    p = validate({"data": {"target": "digits"}, "couple": {"reflowed": {"steps": 30}}}).effective()
-    budget = Params().images.couple["reflowed"]
-    assert p.couple.reflowed.steps == 30
-    assert p.couple.reflowed.n_pairs == budget["n_pairs"] and p.couple.reflowed.precision == budget["precision"]
-    assert p.couple.steps == Params().images.couple["steps"]
-    moons = validate({"couple": {"reflowed": {"steps": 30}}}).effective()
-    assert moons.couple.reflowed.n_pairs is None  # vectors: no budget
-
-
-def test_image_budget_is_checked_against_bellman_grid_points():
-    with pytest.raises(ParamsError, match=r"couple.reflowed: 20 steps > bellman.grid_points \(10\).*images budget"):
-        validate({"data": {"target": "digits"}, "bellman": {"grid_points": 10}}).effective()

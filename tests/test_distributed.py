@@ -42,7 +42,7 @@ def test_couple_on_two_dask_workers_writes_the_same_shards_as_one(trained: Path,
     one, two = copy_workspace(trained, tmp_path / "one"), copy_workspace(trained, tmp_path / "two")
     over = [*OVERRIDES, "couple.n_pairs=1500", "couple.shard_size=300", "couple.batch_size=300"]  # 5 shards
 
-    from rectflow.cli import run_stage
+    from tasks.runner import run_stage
 
     rec1 = run_stage("couple", one / "params.yaml", [*over, "couple.workers=1"], root=one)  # in process
     assert rec1["shards_made"] == 5
@@ -76,7 +76,7 @@ def test_pretrain_under_torchrun_two_ranks_identical_weights_one_checkpoint(trai
     a, b = rec["rank_weights_sha256"]
     assert a == b  # both ranks ended with the same weights (train() also checks it)
 
-    from rectflow.nets import load_model
+    from rectflow.models import load_model
     from rectflow.train import weights_sha256
 
     saved, _card = load_model(ws / "models/rf1", torch.device("cpu"))
@@ -112,7 +112,7 @@ def test_pair_stream_ranks_split_each_global_batch(tmp_path: Path) -> None:
 def test_adversarial_distill_under_torchrun_two_ranks_identical_weights(trained: Path, tmp_path: Path) -> None:
     """The discriminator is DDP-wrapped beside the student: two ranks end with the same student."""
     ws = copy_workspace(trained, tmp_path / "adv")
-    from rectflow.cli import run_stage
+    from tasks.runner import run_stage
 
     for stage in ("couple", "reflow"):
         run_stage(stage, ws / "params.yaml", OVERRIDES, root=ws)

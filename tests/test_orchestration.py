@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from rectflow.stages import STAGES
 from tests.workspace import BIN, clone_workspace, dvc, env, free_port, rectflow
 
 pytestmark = pytest.mark.slow
@@ -79,7 +80,7 @@ def test_run_then_dvc_has_nothing_to_do_and_back(workspace, prefect_server):
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["promotion"]["decision"] == "champion"
-    assert out["executed"] == ["prepare", "pretrain", "couple", "reflow", "distill", "quantize", "evaluate"]
+    assert out["executed"] == list(STAGES)
     st = dvc("status", cwd=workspace)
     assert "Data and pipelines are up to date" in st.stdout, st.stdout
     # change a parameter, reproduce with DVC: the flow then has nothing left to do
@@ -95,8 +96,20 @@ def test_run_then_dvc_has_nothing_to_do_and_back(workspace, prefect_server):
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 2
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[-1].info.run_id]
-    assert sorted(c.data.tags["rectflow.stage"] for c in children) == sorted(
-        ["prepare", "pretrain", "couple", "reflow", "distill", "quantize", "evaluate"])
+    assert sorted(c.data.tags["rectflow.stage"] for c in children) == sorted(STAGES)
+    # every stage run's params are the resolved file's values, as logged by the parent
+    import yaml
+
+    from flows.tracking import flatten
+
+    resolved = flatten(yaml.safe_load((workspace / "params.resolved.yaml").read_text()))
+    want = {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in resolved.items()}
+    latest = parents[0]  # the second run: the params that params.resolved.yaml now holds
+    assert {k: v for k, v in latest.data.params.items() if k in want} == want
+    for c in (r for r in runs if r.data.tags.get("mlflow.parentRunId") == latest.info.run_id):
+        stage = c.data.tags["rectflow.stage"]
+        assert stage == "resolve" or c.data.params, stage
+        assert all(want[k] == v for k, v in c.data.params.items()), stage
     first = parents[-1]
     pre = next(c for c in children if c.data.tags["rectflow.stage"] == "pretrain")
     hist = client.get_metric_history(pre.info.run_id, "train/rf1/loss")
@@ -110,8 +123,13 @@ def test_promotion_only_on_merit(workspace, prefect_server):
     from mlflow import MlflowClient
 
     pe = prefect_env(prefect_server)
+    from flows.registry import registered_name, task_spec
+    from rectflow.layout import Layout
+    from rectflow.params import load_params
+
     client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
-    name = "rectflow-onestep"
+    p = load_params(workspace / "params.yaml")
+    name = registered_name(p, task_spec(p, Layout(workspace)))  # derived from the task
     champ0 = client.get_model_version_by_alias(name, "champion")  # from the first test's run
     # a worse student: 1 distillation step leaves it close to rf2 at one step
     bad = rectflow("run", "--set", "distill.steps=2", cwd=workspace, **pe)
@@ -189,5 +207,5 @@ def test_deployment_schedule_and_ui_style_trigger(workspace, prefect_server):
     parent = next(r for r in runs if r.data.tags.get("prefect.flow_run_id") == str(flow_run_id) and "mlflow.parentRunId" not in r.data.tags)
     assert parent.data.params["evaluate.n_samples"] == "200"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) == 7
+    assert len(children) == len(STAGES)
     assert "evaluate.n_samples=200" in parent.data.params["overrides"]

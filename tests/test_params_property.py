@@ -8,13 +8,13 @@ import math
 import string
 from pathlib import Path
 
-import pytest
 
 import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from rectflow.config import Params, ParamsError, apply_overrides, dump_params, load_params, validate
+from rectflow.config import Params, ParamsError, dump_params, validate
+from rectflow.params import apply_overrides, load_params
 
 SECTIONS = {name: sorted(field.annotation.model_fields) for name, field in Params.model_fields.items()
             if hasattr(field.annotation, "model_fields")}

@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from rectflow.cli import run_stage
-from tasks import STAGES
+from tasks.runner import run_stage
+from rectflow.stages import PIPELINE as STAGES
 
 FIELDS = {"model", "solver", "schedule", "nfe", "w2", "mmd", "straightness", "transport_cost", "latency_ms", "params", "bytes"}
 
@@ -58,10 +58,10 @@ def test_noise_to_moons(tmp_path, root, tiny_overrides):
     import torch
 
     from rectflow import metrics
-    from rectflow.config import load_params
+    from rectflow.params import load_params
     from rectflow.data import load_prepared
     from rectflow.layout import Layout
-    from rectflow.nets import load_model
+    from rectflow.models import load_model
     from rectflow.solvers import solve
     from tasks.evaluate import eval_noise
 
@@ -85,10 +85,10 @@ def test_noise_to_moons(tmp_path, root, tiny_overrides):
     assert not list((tmp_path / "models").glob(".*.tmp"))
     assert_declared_outputs_exist(tmp_path, root)
     # promotion reuses evaluate's W2 of the one-step model: the very number score_one_step measures
-    from flows.registry import _evaluated_w2
+    from flows.registry import _evaluated
     from tasks.evaluate import score_one_step
 
-    assert _evaluated_w2(layout, 1) == pytest.approx(score_one_step(p, layout, layout.model("distilled")), rel=1e-9)
+    assert _evaluated(layout, 1)["w2"] == pytest.approx(score_one_step(p, layout, layout.model("distilled")), rel=1e-9)
 
 
 def test_transport_between_two_data_sets(tmp_path, root, tiny_overrides):

@@ -35,7 +35,7 @@ def sets(overrides: list[str]) -> list[str]:
 
 
 def cmd(stage: str, overrides: list[str]) -> list[str]:
-    return [sys.executable, "-m", "rectflow.cli", "stage", stage, *sets(overrides)]
+    return [sys.executable, "-m", "flows.cli", "stage", stage, *sets(overrides)]
 
 
 def run(ws: Path, stage: str, overrides: list[str], timeout: float = 240) -> subprocess.CompletedProcess:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from rectflow.nets import load_model
+from rectflow.models import load_model
 from rectflow.schedule import load_schedule, schedule_path
 from rectflow.solvers import solve
 from tests.tinyws import OVERRIDES, copy_workspace, trained_workspace
@@ -24,7 +24,7 @@ def ws(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> Path:
 
 def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     """``rectflow ARGS`` through the console script's own ``main()``: (exit status, stdout, stderr)."""
-    from rectflow.cli import main
+    from flows.cli import main
 
     monkeypatch.setattr(sys, "argv", ["rectflow", *args])
     with pytest.raises(SystemExit) as e:
@@ -41,7 +41,7 @@ def test_pretrain_saves_the_schedule_of_the_saved_weights(ws: Path) -> None:
     rec = json.loads((ws / "metrics" / "pretrain.json").read_text())
     assert rec["schedule"] == "models/rf1.schedule.json" and rec["schedule_seconds"] > 0
     # recomputing from the reloaded model and the same source draws gives the same grids
-    from rectflow.config import load_params
+    from rectflow.params import load_params
     from rectflow.layout import Layout
     from tasks._common import save_flow_schedule
 
@@ -104,7 +104,7 @@ def test_sample_without_a_schedule_file_names_it(ws: Path, monkeypatch: pytest.M
 
 
 def test_couple_round_on_the_bellman_schedule(ws: Path) -> None:
-    from rectflow.cli import run_stage
+    from tasks.runner import run_stage
     from rectflow.pairs import read_manifest, read_shard
     from tasks.couple import sample_source, shard_seed
 
@@ -148,16 +148,15 @@ def test_couple_round_on_the_bellman_schedule(ws: Path) -> None:
 
 
 def test_dask_worker_reads_the_schedule_from_the_workspace(ws: Path, tmp_path: Path) -> None:
-    """The Dask task's own code (called in process, no cluster): it loads rf1's schedule from the
+    """The Dask task's own code (:class:`tasks.couple.ShardJob`, called in process, no cluster): it loads rf1's schedule from the
     shared workspace, checks it against the hash the calling process saw, and writes the very shard
     the in-process path wrote."""
-    pytest.importorskip("prefect_dask")
-    from rectflow.cli import run_stage
-    from rectflow.config import load_params
+    from tasks.runner import run_stage
+    from rectflow.params import load_params
     from rectflow.io import file_sha256
     from rectflow.nets import ModelError, read_model_card
     from rectflow.pairs import read_manifest
-    from tasks import couple_dask
+    from tasks import couple
 
     small = [*OVERRIDES, "couple.n_pairs=300", "couple.shard_size=300", "couple.batch_size=300", "couple.steps=3",
              "couple.schedule=bellman"]
@@ -170,14 +169,14 @@ def test_dask_worker_reads_the_schedule_from_the_workspace(ws: Path, tmp_path: P
     sched_sha = file_sha256(schedule_path(ws / "models" / "rf1"))
     threads = torch.get_num_threads()  # make_shard sets one thread, as in a worker process
     try:
-        couple_dask._WORKER_CACHE.clear()
-        index, entry, _ = couple_dask.make_shard.fn(p, str(ws), 1, 0, 300, str(staging), sha, None, sched_sha)
+        couple._WORKER_CACHE.clear()
+        index, entry = couple.ShardJob(p, str(ws), 1, str(staging), sha, None, sched_sha)(0, 300)
         assert index == 0 and entry["sha256"] == man["shards"][0]["sha256"] and entry["nfe"] == 3
-        couple_dask._WORKER_CACHE.clear()
+        couple._WORKER_CACHE.clear()
         with pytest.raises(ModelError, match="rf1.schedule.json: this worker sees another step schedule"):
-            couple_dask.make_shard.fn(p, str(ws), 1, 0, 300, str(staging), sha, None, "0" * 64)
+            couple.ShardJob(p, str(ws), 1, str(staging), sha, None, "0" * 64)(0, 300)
     finally:
-        couple_dask._WORKER_CACHE.clear()
+        couple._WORKER_CACHE.clear()
         torch.set_num_threads(threads)
 
 
@@ -185,8 +184,8 @@ def test_reflowed_rounds_use_couple_reflowed(ws: Path) -> None:
     """Rounds ≥ 2 take ``couple.reflowed``'s keys; round 1 neither changes nor is remade by them."""
     import shutil
 
-    from rectflow.cli import run_stage
-    from rectflow.config import load_params
+    from tasks.runner import run_stage
+    from rectflow.params import load_params
     from rectflow.layout import Layout
     from rectflow.pairs import read_manifest
     from tasks.couple import run_round

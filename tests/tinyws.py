@@ -1,5 +1,5 @@
 """A tiny trained workspace (data/prepared + models/rf1), built once per test session in-process
-with :func:`rectflow.cli.run_stage`, and copied for each test that needs one."""
+with :func:`tasks.runner.run_stage`, and copied for each test that needs one."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ _BASE: dict[str, Path] = {}
 def trained_workspace(factory: pytest.TempPathFactory) -> Path:
     """The session's base workspace (do not modify it: copy it with :func:`copy_workspace`)."""
     if "ws" not in _BASE:
-        from rectflow.cli import run_stage
+        from tasks.runner import run_stage
 
         ws = factory.mktemp("trained")
         shutil.copy(ROOT / "params.yaml", ws / "params.yaml")

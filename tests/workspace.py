@@ -32,9 +32,11 @@ def clone_workspace(dest: Path, overrides: list[str] | None = None) -> Path:
             shutil.copy2(src, dest / rel)
     if overrides:
         from flows.pipeline import record_overrides
-        from rectflow.config import load_params
+        from rectflow.dvcyaml import write
+        from rectflow.params import load_params
 
-        record_overrides(dest / "params.yaml", load_params(dest / "params.yaml", overrides))
+        record_overrides(dest / "params.yaml", list(overrides))
+        write(load_params(dest / "params.yaml"), dest)  # the DAG of these params (reflow.rounds ...)
     env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "workspace"]):
         subprocess.run(cmd, cwd=dest, check=True, env=env)

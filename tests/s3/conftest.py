@@ -1,21 +1,24 @@
 """Fixtures for tests against a real S3-compatible server (OpenStack Swift + s3api on loopback).
 
-The server is started once per session by :class:`rectflow.testing.SwiftS3Server`. If it cannot
-start (for example the Debian packages are missing: ``scripts/install-test-services.sh``), every
-test here fails with the reason; nothing is skipped.
+The server is started once per session by :class:`tests.support.swift.SwiftS3Server`. Without its
+binaries (the Debian packages that ``scripts/install-test-services.sh`` installs, as ``make test``
+does when it can) every test that needs the server skips, all with one reason that names the
+packages. With them, a server that does not start fails those tests with the reason.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from rectflow.storage import StorageSettings
-from rectflow.testing import SwiftS3Server
+from tests.support.swift import SwiftS3Server, find_binaries
 
 # Variables that would send credentials or requests elsewhere than the test server.
 _AWS_VARS = (
@@ -30,8 +33,39 @@ _AWS_VARS = (
 )
 
 
+@functools.cache
+def _swift_missing() -> str | None:
+    """Why the Swift S3 server cannot run on this machine (binaries and Debian packages), or None."""
+    try:
+        find_binaries()
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
 @pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SwiftS3Server]:
+def swift_binaries() -> dict[str, str]:
+    """The Swift and memcached binaries by name; skips the test when any is missing."""
+    reason = _swift_missing()
+    if reason is not None:
+        pytest.skip(reason)
+    return find_binaries()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
+    """Report every skip for missing Swift binaries at one place, so that ``-ra`` prints its reason
+    once (pytest would otherwise give each test its own line with the same long reason)."""
+    report = yield
+    reason = _swift_missing()
+    if (reason is not None and report.skipped and isinstance(report.longrepr, tuple)
+            and str(report.longrepr[2]).endswith(reason)):
+        report.longrepr = (__file__, _swift_missing.__wrapped__.__code__.co_firstlineno, report.longrepr[2])
+    return report
+
+
+@pytest.fixture(scope="session")
+def s3_server(swift_binaries: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[SwiftS3Server]:
     """One Swift S3 server for the session; stopped (every process) at the end, even on failure."""
     server = SwiftS3Server(startup_timeout=60)
     try:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from rectflow.cli import run_stage
+from tasks.runner import run_stage
 from rectflow.pairs import ManifestError
-from rectflow.testing import SwiftS3Server
+from tests.support.swift import SwiftS3Server
 from tests.tinyws import OVERRIDES, copy_workspace, trained_workspace
 
 

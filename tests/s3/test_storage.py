@@ -31,8 +31,7 @@ from rectflow.storage import (
     make_store,
     pyarrow_filesystem,
 )
-from rectflow.testing import SwiftS3Server
-from rectflow.testing.swift import find_binaries
+from tests.support.swift import SwiftS3Server, find_binaries
 
 MiB = 1024 * 1024
 # Distinctive fake credentials: any appearance in a message or repr is a leak.
@@ -243,10 +242,11 @@ def test_settings_environment_wins_and_never_holds_secrets(aws_isolated: None,
     for text in (repr(s), str(s), s.model_dump_json(), repr(S3Store(s))):
         _assert_clean(text)
 
-    store = make_store(StorageParams(), Path("/tmp/unused"))  # local backend, but a bucket in env
+    # a bucket in the environment never switches a local backend to S3: where data goes is a param
+    assert isinstance(make_store(StorageParams(), Path("/tmp/unused")), LocalStore)
+    store = make_store(StorageParams(backend="s3"), Path("/tmp/unused"))  # it fills in the S3 setting
     assert isinstance(store, S3Store) and store.bucket == "from-env"
     monkeypatch.delenv("RECTFLOW_S3_BUCKET")
-    assert isinstance(make_store(StorageParams(), Path("/tmp/unused")), LocalStore)
 
     monkeypatch.setenv("RECTFLOW_S3_ENDPOINT_URL", f"http://{FAKE_KEY_ID}:{FAKE_SECRET}@host:1")
     with pytest.raises(StorageError, match=r"^storage setting endpoint_url \(or RECTFLOW_S3_ENDPOINT_URL\)") as err:
@@ -266,6 +266,7 @@ def test_missing_binaries_name_the_packages(tmp_path: Path) -> None:
     assert "swift-proxy-server" in str(err.value) and "memcached" in str(err.value)
 
 
+@pytest.mark.usefixtures("swift_binaries")
 def test_server_stop_leaves_no_process(tmp_path: Path) -> None:
     with SwiftS3Server() as server:
         pids = list(server.pids.values())

@@ -1,7 +1,7 @@
 """A real S3-compatible object store on loopback: OpenStack Swift with its ``s3api`` middleware.
 
-The project's tests (and anyone who wants to try the pipeline against S3 on one machine) start it
-with :class:`SwiftS3Server`::
+Test support, not part of the shipped package. The project's tests (and anyone who wants to try
+the pipeline against S3 on one machine, from a checkout) start it with :class:`SwiftS3Server`::
 
     with SwiftS3Server() as s3:
         s3.create_bucket("rectflow")
@@ -13,12 +13,15 @@ one directory. :meth:`SwiftS3Server.stop` ends every process it started. The ser
 SIGTERM if the Python thread that started them dies (Linux ``PR_SET_PDEATHSIG``), so a killed test
 run leaves nothing behind.
 
-From a shell: ``python -m rectflow.testing.swift [--dir DIR] [--port PORT]`` prints the
-environment to export and serves until Ctrl-C.
+From a shell, in the repository root: ``python -m tests.support.swift [--dir DIR] [--port PORT]``
+prints the environment to export and serves until Ctrl-C.
 
 Needs Debian's packages :data:`SWIFT_PACKAGES` (``scripts/install-test-services.sh`` installs
 them). Without them :meth:`SwiftS3Server.start` raises :class:`RuntimeError` naming the packages;
 it never skips: callers decide what a missing server means.
+
+One file of about 550 lines on purpose: it is one server harness (configuration, rings, process
+lifecycle, readiness, client helpers and its command line), and its parts are used only together.
 """
 
 from __future__ import annotations
@@ -513,8 +516,8 @@ class SwiftS3Server:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m rectflow.testing.swift``: start a server, print its environment, serve until stopped."""
-    parser = argparse.ArgumentParser(prog="python -m rectflow.testing.swift", description=__doc__.split("\n\n")[0])
+    """``python -m tests.support.swift``: start a server, print its environment, serve until stopped."""
+    parser = argparse.ArgumentParser(prog="python -m tests.support.swift", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", type=Path, default=None, help="state directory (kept); default: a temporary one")
     parser.add_argument("--port", type=int, default=None, help="S3 port on 127.0.0.1; default: a free one")
     parser.add_argument("--bucket", action="append", default=[], help="bucket to create (repeatable)")
