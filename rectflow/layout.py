@@ -29,6 +29,11 @@ class Layout:
         """In-progress work (resumable; never under a final name, never tracked by DVC)."""
         return self.root / ".rectflow" / "staging" / what
 
+    def finished(self, name: str) -> Path:
+        """Stem of a finished model's copy kept until its stage completes (never tracked by DVC,
+        which deletes a stage's outputs before it reruns it): ``.rectflow/finished/NAME``."""
+        return self.root / ".rectflow" / "finished" / name
+
     def checkpoints(self, name: str) -> Path:
         return self.root / ".rectflow" / "checkpoints" / name
 

@@ -13,7 +13,7 @@ from rectflow.adversarial import Adversary
 from rectflow.config import Params, TrainParams
 from rectflow.device import pick_device
 from rectflow.layout import Layout
-from rectflow.nets import count_params, read_model_card, save_model
+from rectflow.nets import count_params, load_state, read_model_card, save_model
 from rectflow.models import load_model
 from rectflow.train import BatchSource, clear_checkpoint, fingerprint, train
 
@@ -53,6 +53,10 @@ def train_and_save(
 
     fp = fingerprint(name, cfg.model_dump(mode="json"), arch, inputs, seed, time_dist, k)
     t0 = time.perf_counter()
+    kept = _restore_finished(layout, name, fp)
+    if kept is not None:  # trained before a crash later in this stage: restore it, never retrain
+        model.load_state_dict(load_state(layout.finished(name)))
+        return kept | {"reused_finished": True, "seconds": round(time.perf_counter() - t0, 3)}
     res = train(
         model, batches, cfg, name=name, seed=seed, checkpoint_dir=layout.checkpoints(name),
         history_path=layout.history(name), time_dist=time_dist, k=k, run_fingerprint=fp, device=dev,
@@ -78,10 +82,72 @@ def train_and_save(
             layout.model(name), model.state_dict(), arch,
             meta | {"name": name, "inputs": inputs, "train": cfg.model_dump(mode="json"), "seed": seed},
         )
-        clear_checkpoint(layout.checkpoints(name))
         record["sha256"] = sha
+        _keep_finished(layout, name, fp, record)
+        clear_checkpoint(layout.checkpoints(name))
     record["seconds"] = round(time.perf_counter() - t0, 3)
     return record
+
+
+FINISHED_RECORD = ".record.json"
+
+
+def _keep_finished(layout: Layout, name: str, fp: str, record: dict[str, Any]) -> None:
+    """Keep a copy of the just-saved ``models/NAME`` (weights, card, loss history) and its record in
+    ``.rectflow/finished/`` until the stage completes (:func:`clear_finished`): a crash later in the
+    stage (reflow's next coupling round, distill's second student) then costs no retraining, also
+    under ``dvc repro``, which deletes a stage's outputs before it reruns it."""
+    import shutil
+
+    from rectflow.io import atomic_write_json
+
+    dest = layout.finished(name)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    for src, suffix in ((layout.model(name), ".safetensors"), (layout.model(name), ".json")):
+        tmp = dest.with_name(f".{dest.name}{suffix}.tmp")
+        shutil.copyfile(src.with_suffix(suffix), tmp)
+        tmp.replace(dest.with_suffix(suffix))
+    if layout.history(name).is_file():
+        shutil.copyfile(layout.history(name), dest.with_suffix(".csv"))
+    atomic_write_json(dest.with_suffix(FINISHED_RECORD), {"fingerprint": fp, "record": record})
+
+
+def _restore_finished(layout: Layout, name: str, fp: str) -> dict[str, Any] | None:
+    """The record of a kept finished ``NAME`` of this very configuration (``fp``), after putting its
+    files back in place (sha256 checked); None when there is none or it does not check out."""
+    import shutil
+
+    from rectflow.io import file_sha256, read_json
+
+    keep = layout.finished(name)
+    try:
+        marker = read_json(keep.with_suffix(FINISHED_RECORD))
+        card = read_json(keep.with_suffix(".json"))
+        ok = (marker.get("fingerprint") == fp and card["meta"]["sha256"] == file_sha256(keep.with_suffix(".safetensors")))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not ok:
+        return None
+    rank, _ = rank_world()
+    if rank == 0:
+        from rectflow.io import atomic_path
+
+        for suffix in (".safetensors", ".json"):
+            with atomic_path(layout.model(name).with_suffix(suffix)) as tmp:
+                shutil.copyfile(keep.with_suffix(suffix), tmp)
+        if keep.with_suffix(".csv").is_file():
+            with atomic_path(layout.history(name)) as tmp:
+                shutil.copyfile(keep.with_suffix(".csv"), tmp)
+        print(f"[{name}] finished before an interruption: restored from {keep} (sha256 checked), not retrained",
+              file=sys.stderr, flush=True)
+    return dict(marker["record"])
+
+
+def clear_finished(layout: Layout) -> None:
+    """Drop the kept finished models: the stage that made them completed (its outputs are final)."""
+    import shutil
+
+    shutil.rmtree(layout.root / ".rectflow" / "finished", ignore_errors=True)
 
 
 SCHEDULE_SEED_OFFSET = 20_011  # the schedule's source draws: neither evaluation's nor a shard's noise
@@ -102,6 +168,10 @@ def save_flow_schedule(p: Params, layout: Layout, name: str, dev: torch.device) 
 
     t0 = time.perf_counter()
     b = p.bellman
+    kept = _restore_finished_schedule(layout, name, {"grid_points": b.grid_points, "n_samples": b.n_samples,
+                                                      "seed": p.seed + SCHEDULE_SEED_OFFSET})
+    if kept is not None:
+        return kept
     model, card = teacher(layout, name, dev)
     shape = tuple(card["arch"]["shape"])
     dim = max(1, int(torch.Size(shape).numel()))
@@ -118,8 +188,42 @@ def save_flow_schedule(p: Params, layout: Layout, name: str, dev: torch.device) 
     seconds = time.perf_counter() - t0
     print(f"[{name}] BOSS schedules K = 1 … {b.grid_points} from {b.n_samples} source draws: {path} "
           f"({seconds:.2f} s)", file=sys.stderr, flush=True)
-    return {"schedule": str(path.relative_to(layout.root)) if path.is_relative_to(layout.root) else str(path),
-            "schedule_seconds": round(seconds, 3)}
+    record = {"schedule": str(path.relative_to(layout.root)) if path.is_relative_to(layout.root) else str(path),
+              "schedule_seconds": round(seconds, 3)}
+    import shutil
+
+    from rectflow.io import atomic_path, atomic_write_json
+
+    keep = layout.finished(name)
+    keep.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(keep.with_suffix(".schedule.json")) as tmp:
+        shutil.copyfile(path, tmp)
+    atomic_write_json(keep.with_suffix(".schedule.record.json"), record)
+    return record
+
+
+def _restore_finished_schedule(layout: Layout, name: str, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """A kept schedule of the flow now in ``models/NAME`` (its ``model_sha256`` and ``settings``, the
+    ``bellman`` values and seed, equal), put back."""
+    import shutil
+
+    from rectflow.io import atomic_path, read_json
+    from rectflow.schedule import schedule_path
+
+    keep = layout.finished(name)
+    try:
+        doc = read_json(keep.with_suffix(".schedule.json"))
+        record = read_json(keep.with_suffix(".schedule.record.json"))
+        meta = doc["meta"]
+        ok = meta["model_sha256"] == model_sha(layout, name) and all(meta.get(k) == v for k, v in settings.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not ok:
+        return None
+    with atomic_path(schedule_path(layout.model(name))) as tmp:
+        shutil.copyfile(keep.with_suffix(".schedule.json"), tmp)
+    print(f"[{name}] BOSS schedules made before an interruption: restored, not recomputed", file=sys.stderr, flush=True)
+    return dict(record)
 
 
 def model_sha(layout: Layout, name: str) -> str:

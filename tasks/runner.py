@@ -90,6 +90,9 @@ def run_stage(name: str, params: Path, overrides: list[str], root: Path = Path("
         record = {"stage": name, "wall_seconds": round(time.perf_counter() - t0, 3)} | record
         if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
             atomic_write_json(layout.stage_metrics(name), record)
+            from tasks._common import clear_finished
+
+            clear_finished(layout)  # the stage completed: what it kept against a crash is final now
     return record
 
 

@@ -196,3 +196,35 @@ def test_couple_sigkill_then_resume_keeps_finished_shards(trained, tmp_path, tin
     for name in os.listdir(ref_final):
         assert sha(final / name) == sha(ref_final / name), name
     assert not staging.exists()
+
+
+def test_reflow_sigkill_in_its_coupling_then_rerun_does_not_retrain(trained, tmp_path, tiny_overrides):
+    """Killed while reflow couples round 2, after rf2 and its schedules were saved: the rerun restores
+    rf2 from .rectflow/finished (sha256 checked) instead of training it again, also when DVC (as in
+    `dvc repro`) has deleted the stage's outputs first; the result is the uninterrupted run's."""
+    over = tiny_overrides + ["couple.n_pairs=8000", "couple.shard_size=200", "couple.batch_size=200"]
+    solo, crashed = copy_ws(trained, tmp_path / "solo", "metrics"), copy_ws(trained, tmp_path / "crashed", "metrics")
+    staging = crashed / ".rectflow" / "staging" / "couplings" / "round-2"
+    reference = run(solo, "reflow", over)
+    assert reference.returncode == 0, reference.stderr
+    victim = start(crashed, "reflow", over)
+    poll(lambda: staging.is_dir() and len(list(staging.glob("shard-*.parquet"))) >= 2, victim,
+         what="two round-2 shards")
+    kill9(victim)
+    assert (crashed / "models" / "rf2.safetensors").is_file()
+    kept = crashed / ".rectflow" / "finished"
+    assert (kept / "rf2.safetensors").is_file() and (kept / "rf2.schedule.json").is_file()
+    for rel in ("models/rf2.safetensors", "models/rf2.json", "models/rf2.schedule.json", "plots/train/rf2.csv"):
+        (crashed / rel).unlink()  # what dvc repro does to a stage's outputs before it reruns it
+    r = run(crashed, "reflow", over)
+    assert r.returncode == 0, r.stderr
+    assert "[rf2] finished before an interruption: restored" in r.stderr
+    assert "[rf2] step" not in r.stderr  # no training step was run
+    rec = json.loads((crashed / "metrics" / "reflow.json").read_text())
+    assert rec["rounds"][0]["train"]["reused_finished"] is True
+    for rel in ("models/rf2.safetensors", "models/rf2.json", "models/rf2.schedule.json",
+                "data/couplings/round-2/manifest.json"):
+        assert sha(crashed / rel) == sha(solo / rel), rel
+    losses = lambda ws: [(r["step"], r["loss"]) for r in csv.DictReader(open(ws / "plots/train/rf2.csv"))]  # noqa: E731
+    assert losses(crashed) == losses(solo)  # the history restored too (samples/s is a timing)
+    assert not kept.exists()  # the stage completed: nothing kept any more
