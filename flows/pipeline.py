@@ -133,7 +133,10 @@ def dvc_repro(root: Path, stage: str, verbose: bool = False) -> bool:
     cmd = [str(Path(sys.executable).with_name("dvc")), "repro", "--single-item", stage]
     if not Path(cmd[0]).is_file():
         cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
-    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    from rectflow.guard import guarded
+
+    # under the guard: DVC, the stage and whatever it starts end with this process, even on kill -9
+    proc = subprocess.Popen(guarded(cmd), cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             stdin=subprocess.DEVNULL, bufsize=1)
     ran, errors = False, []
     assert proc.stdout is not None
