@@ -27,7 +27,9 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override KEY
 
 
 def fail(message: str, code: int = 2) -> None:
-    print(f"rectflow: error: {message}", file=sys.stderr, flush=True)
+    from rectflow.secrets import redact_text
+
+    print(f"rectflow: error: {redact_text(message)}", file=sys.stderr, flush=True)
     raise typer.Exit(code)
 
 
@@ -235,8 +237,24 @@ def params_cmd(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
     print(render_resolved(res.params), end="")
 
 
+def _guard_secrets() -> None:
+    """Before anything else: blank secrets in everything this process prints or logs, and move URL
+    credentials of the environment into the clients' own variables (:mod:`rectflow.secrets`), so that
+    this process and its children (DVC, the stages) hold only bare URLs. A URL-valued variable whose
+    client takes no credentials from it is one line, exit 2."""
+    from rectflow.secrets import SplitError, install, split_environment
+
+    install()
+    try:
+        split_environment()
+    except SplitError as e:
+        print(f"rectflow: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def main() -> None:
     """Entry point: exit 0 on success, 2 with one line on bad input, 1 on a failed run."""
+    _guard_secrets()
     try:
         rc = app(standalone_mode=False)
     except typer.Exit as e:
@@ -245,7 +263,9 @@ def main() -> None:
         # usage errors (click's, or the copy typer vendors): unknown option, bad value, missing argument
         if hasattr(e, "format_message") and type(e).__name__ in ("UsageError", "BadParameter", "NoSuchOption",
                                                                   "MissingParameter", "BadOptionUsage", "BadArgumentUsage"):
-            print(f"rectflow: error: {' '.join(e.format_message().split())}", file=sys.stderr, flush=True)
+            from rectflow.secrets import redact_text
+
+            print(f"rectflow: error: {' '.join(redact_text(e.format_message()).split())}", file=sys.stderr, flush=True)
             sys.exit(2)
         if type(e).__name__ == "Abort":
             sys.exit(130)

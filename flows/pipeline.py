@@ -34,6 +34,7 @@ from rectflow.config import Params, ParamsError, dump_params
 from rectflow.io import atomic_write_bytes
 from rectflow.layout import Layout
 from rectflow.params import load_params, load_yaml_text, resolve
+from rectflow.secrets import SplitError, install as install_redaction, redact_text, split_environment
 from rectflow.stages import STAGES, stage as stage_decl
 
 PARAMS_FILE = "params.yaml"
@@ -235,6 +236,11 @@ def pipeline(params: Params = _defaults(), track: bool = True, overrides: list[s
     from rectflow.settings import settings
 
     root = Path.cwd().resolve()
+    install_redaction(streams=False)  # a deployment run, not started by `rectflow`: log records at least
+    try:
+        split_environment()  # URL credentials into the clients' own variables (`rectflow` did it already)
+    except SplitError as e:
+        raise ParamsError(str(e)) from None
     logger = get_run_logger()
     _venv_on_path()
     with workspace_lock(root, wait=True, timeout=settings().lock_timeout):
@@ -326,7 +332,8 @@ def _artifact(root: Path, tracker, parent: str | None, executed: list[str], prom
                  if resolved.is_file() else "")
     md = (f"# rectflow evaluation\n\nStages run: {', '.join(executed) or 'none (all up to date)'}\n\n{mlflow_line}"
           f"{promo}{grid_line}\n\n{head}{body}{params_md}")
-    create_markdown_artifact(markdown=md, key="rectflow-evaluation", description="Evaluation table of this pipeline run")
+    create_markdown_artifact(markdown=redact_text(md), key="rectflow-evaluation",
+                             description="Evaluation table of this pipeline run")
 
 
 def run_cli(params_path: Path, overrides: list[str], starting: "threading.Thread | None" = None,
@@ -345,7 +352,7 @@ def run_cli(params_path: Path, overrides: list[str], starting: "threading.Thread
         result = pipeline(params=p, overrides=list(overrides), verbose=verbose)
     finally:
         _drain_prefect_workers()
-    print(json.dumps(result), flush=True)
+    print(redact_text(json.dumps(result)), flush=True)
     return result
 
 

@@ -4,7 +4,10 @@ Runs are created and written through ``MlflowClient`` with explicit run ids (nev
 "active run", which is per thread, and Prefect tasks may run in threads). The default store is
 ``sqlite:///mlflow.db``; any tracking URI works by setting. A server that does not answer is probed
 once with a short timeout: ``tracking.on_unreachable: fallback`` logs to the local sqlite store
-instead and says so; ``fail`` stops with a clear error. Nothing here ever logs a secret.
+instead and says so; ``fail`` stops with a clear error. Nothing here ever logs a secret: params
+hold none (:mod:`rectflow.secrets`), credentials of ``MLFLOW_TRACKING_URI`` reach MLflow through
+``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD`` (:func:`rectflow.secrets.split_environment`),
+and every param, tag and message goes through :func:`rectflow.secrets.redact_text`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 
 from rectflow.config import Params, ParamsError
 from rectflow.layout import Layout
+from rectflow.secrets import SplitError, redact_text, redact_url, split_environment
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -34,23 +38,38 @@ class TrackingUnavailable(ParamsError):
 
 
 def _reachable(uri: str, timeout: float = 3.0) -> bool:
+    """Whether an http(s) server answers at ``uri`` (any answer below 500 counts: a server behind
+    an authenticating proxy may refuse the anonymous probe)."""
+    import urllib.error
+
     if not uri.startswith(("http://", "https://")):
         return True
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
             return r.status < 500
+    except urllib.error.HTTPError as e:
+        return e.code < 500
     except Exception:
         return False
 
 
 def resolve_uri(p: Params) -> tuple[str, str | None]:
-    """(URI to use, a warning if we fell back). Env ``MLFLOW_TRACKING_URI`` overrides params."""
+    """(URI to use, a warning if we fell back). Env ``MLFLOW_TRACKING_URI`` overrides params.
+
+    Credentials in ``MLFLOW_TRACKING_URI`` were moved into MLflow's own variables first
+    (:func:`rectflow.secrets.split_environment`; the ``rectflow`` command already did): the URI used,
+    shown and logged is the bare one."""
+    try:
+        split_environment()
+    except SplitError as e:
+        raise ParamsError(str(e)) from None
     uri = os.environ.get("MLFLOW_TRACKING_URI") or p.tracking.mlflow_uri
     if _reachable(uri):
         return uri, None
+    shown = redact_url(uri)
     if p.tracking.on_unreachable == "fail":
-        raise TrackingUnavailable(f"tracking.mlflow_uri: MLflow server {uri} does not answer")
-    return LOCAL_URI, f"MLflow server {uri} does not answer; logging to {LOCAL_URI} instead"
+        raise TrackingUnavailable(f"tracking.mlflow_uri: MLflow server {shown} does not answer")
+    return LOCAL_URI, f"MLflow server {shown} does not answer; logging to {LOCAL_URI} instead"
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -97,7 +116,7 @@ class Tracker:
         self.p, self.root = p, root
         self.uri, self.warning = resolve_uri(p)
         if self.warning:
-            print(f"rectflow: warning: {self.warning}", file=sys.stderr, flush=True)
+            print(f"rectflow: warning: {redact_text(self.warning)}", file=sys.stderr, flush=True)
         if self.uri.startswith("sqlite:///") and not self.uri.startswith("sqlite:////"):
             self.uri = f"sqlite:///{(root / self.uri[len('sqlite:///'):]).resolve()}"
         mlflow.set_tracking_uri(self.uri)
@@ -114,19 +133,21 @@ class Tracker:
     def start_parent(self, tags: dict[str, str], overrides: list[str]) -> str:
         from mlflow.entities import Param
 
+        tags = {k: redact_text(str(v)) for k, v in tags.items()}
         run = self.client.create_run(self.experiment_id, run_name=tags.get("rectflow.run_name", "pipeline"), tags=tags)
         params = {k: v for k, v in flatten(self.p.model_dump(mode="json")).items() if _safe(k)}
         self._log_params(run.info.run_id, params)
         resolved = self.root / "params.resolved.yaml"
-        if resolved.is_file():  # the document the stages run with, as DVC tracks it
+        if resolved.is_file():  # the document the stages run with, as DVC tracks it (params hold no secret)
             self.client.log_artifact(run.info.run_id, str(resolved))
         if overrides:
-            self.client.log_batch(run.info.run_id, params=[Param("overrides", "; ".join(overrides)[:6000])])
+            self.client.log_batch(run.info.run_id, params=[Param("overrides", redact_text("; ".join(overrides))[:6000])])
         return run.info.run_id
 
     def start_child(self, parent_id: str, stage: str, keys: tuple[str, ...], tags: dict[str, str]) -> str:
         """A stage's run, with the resolved params it reads (``keys``: its registry entry's params)
         logged exactly as ``params.resolved.yaml`` has them."""
+        tags = {k: redact_text(str(v)) for k, v in tags.items()}
         run = self.client.create_run(
             self.experiment_id, run_name=stage, tags={"mlflow.parentRunId": parent_id, "rectflow.stage": stage} | tags
         )
@@ -139,7 +160,7 @@ class Tracker:
         self.client.set_terminated(run_id, status)
 
     def run_url(self, run_id: str) -> str:
-        base = self.uri if self.uri.startswith("http") else "http://127.0.0.1:5000 (mlflow ui --backend-store-uri sqlite:///mlflow.db)"
+        base = redact_url(self.uri) if self.uri.startswith("http") else "http://127.0.0.1:5000 (mlflow ui --backend-store-uri sqlite:///mlflow.db)"
         return f"{base}/#/experiments/{self.experiment_id}/runs/{run_id}"
 
     # -- what a stage logs ----------------------------------------------------------------------
@@ -206,7 +227,7 @@ class Tracker:
     def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in params.items()]
+        items = [Param(k, redact_text(json.dumps(v) if isinstance(v, (list, dict)) else str(v))) for k, v in params.items()]
         for i in range(0, len(items), 90):
             self.client.log_batch(run_id, params=items[i : i + 90])
 
@@ -235,11 +256,15 @@ def download_model(uri: str, tracking_uri: str | None = None) -> Path:
 
     from rectflow.nets import ModelError
 
+    try:
+        split_environment()
+    except SplitError as e:
+        raise ParamsError(str(e)) from None
     mlflow.set_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", LOCAL_URI))
     try:
         local = Path(mlflow.artifacts.download_artifacts(uri))
     except Exception as e:
-        raise ModelError(f"--model: cannot fetch {uri} from MLflow ({str(e).splitlines()[0][:200]})") from None
+        raise ModelError(redact_text(f"--model: cannot fetch {uri} from MLflow ({str(e).splitlines()[0][:200]})")) from None
     found = sorted(local.rglob("*.safetensors"))
     if not found:
         raise ModelError(f"--model: {uri} holds no .safetensors weights")

@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from rectflow.secrets import credential_hint, redact_text, url_problem
 
 BUILTIN_2D = ("moons", "8gaussians", "checkerboard", "scurve", "circles", "swissroll", "gaussian")
 BUILTIN_IMAGES = ("digits",)
@@ -40,10 +43,43 @@ class ParamsError(ValueError):
     """A params document (or override) is invalid. ``str(err)`` is one line naming the key."""
 
 
-class Section(BaseModel):
-    """Base of every section: frozen, unknown keys forbidden, assignment validated."""
+_SECTION_OF = {"TrackingParams": "tracking", "StorageParams": "storage", "CoupleParams": "couple",
+               "ReflowedCoupleParams": "couple.reflowed", "DataParams": "data", "EvaluateParams": "evaluate"}
 
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True, strict=True)
+
+# The JSON schema's side of the rule below, for the Prefect form of a served deployment: the
+# server validates a run's parameters against it before it creates (and stores) the run.
+NO_URL_CREDENTIALS = r"^(?![\s\S]*[A-Za-z][A-Za-z0-9+.\-]*://[^/?#\s]*@)[\s\S]*$"
+
+
+def _no_credentials_in_schema(schema: dict[str, Any], _cls: type) -> None:
+    """Every free-text string property of the section's JSON schema gets :data:`NO_URL_CREDENTIALS`."""
+    for prop in schema.get("properties", {}).values():
+        for option in [prop, *prop.get("anyOf", [])]:
+            if option.get("type") == "string" and "enum" not in option and "const" not in option:
+                option["pattern"] = NO_URL_CREDENTIALS
+
+
+class Section(BaseModel):
+    """Base of every section: frozen, unknown keys forbidden, assignment validated, no value ever
+    echoed in an error, and no string that holds a secret in a URL (:mod:`rectflow.secrets`: params
+    are recorded in params.yaml, params.resolved.yaml, dvc.lock, MLflow and Prefect)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True, strict=True,
+                              hide_input_in_errors=True, json_schema_extra=_no_credentials_in_schema)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_secret_in_urls(cls, v: Any, info: Any) -> Any:
+        for text in ([v] if isinstance(v, str) else v if isinstance(v, (list, tuple)) else []):
+            problem = url_problem(text) if isinstance(text, str) and "://" in text else None
+            if problem:
+                key = f"{_SECTION_OF.get(cls.__name__, '')}.{info.field_name}".lstrip(".")
+                raise PydanticCustomError(
+                    "secret_in_url", "must not contain {problem}: params are recorded in params.yaml, "
+                    "params.resolved.yaml, dvc.lock and MLflow; {hint}",
+                    {"problem": problem, "hint": credential_hint(key)})
+        return v
 
 
 class DataParams(Section):
@@ -399,8 +435,8 @@ def _format_error(err: ValidationError, source: str) -> str:
     if first["type"] == "value_error" and msg.startswith("Value error, "):
         inner = msg[len("Value error, "):]
         if not loc or inner.startswith(f"{loc}."):  # a check that names its own key (across sections, budgets)
-            return f"{where}{inner}{more}"
-    return f"{where}{loc or '<root>'}: {msg}{more}"
+            return redact_text(f"{where}{inner}{more}")
+    return redact_text(f"{where}{loc or '<root>'}: {msg}{more}")  # a key or a value may hold a URL
 
 
 def validate(doc: Any, source: str = "") -> Params:

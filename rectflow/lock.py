@@ -61,17 +61,16 @@ def _holder(path: Path) -> str:
     return "another process"
 
 
-_URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
-_SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|access_key|api_key)", re.IGNORECASE)
-
-
 def _redact(arg: str) -> str:
-    """An argument with anything that could be a secret blanked: ``user:pass@`` in URLs, values of
-    ``KEY=VALUE`` whose key looks secret. The command line lands in a file and in error messages."""
-    key, sep, value = arg.partition("=")
-    if sep and _SECRET_KEY.search(key):
-        return f"{key}=***"
-    return _URL_USERINFO.sub("***@", arg)
+    """An argument with anything that could be a secret blanked (:func:`rectflow.secrets.redact_arg`:
+    URL credentials, values of ``KEY=VALUE`` whose key looks secret, the environment's secrets). The
+    command line lands in a file and in error messages."""
+    from rectflow.secrets import redact_arg
+
+    return redact_arg(arg)
+
+
+_SECRET_ARG = re.compile(r"(secret|password|passwd|token|credential|access_key|api_key)", re.IGNORECASE)
 
 
 def _command() -> str:
@@ -83,7 +82,7 @@ def _command() -> str:
     redacted, hide_next = [], False
     for a in argv:
         redacted.append("***" if hide_next else _redact(a))
-        hide_next = a.startswith("--") and "=" not in a and bool(_SECRET_KEY.search(a))  # --token VALUE
+        hide_next = a.startswith("--") and "=" not in a and bool(_SECRET_ARG.search(a))  # --token VALUE
     return " ".join(shlex.quote(a) for a in redacted)[:500].replace("\n", " ")
 
 

@@ -359,12 +359,15 @@ class LocalStore:
 
 
 def _scrub(text: str) -> str:
-    """``text`` on one line with any credential value from the environment removed."""
+    """``text`` on one line with any credential value from the environment removed (the AWS
+    variables, and every secret :func:`rectflow.secrets.redact_text` knows of)."""
+    from rectflow.secrets import redact_text
+
     for var in _SECRET_ENV:
         value = os.environ.get(var)
         if value and len(value) >= 4:
             text = text.replace(value, "***")
-    return " ".join(text.split())
+    return " ".join(redact_text(text).split())
 
 
 def _boto_session() -> Any:
@@ -419,10 +422,12 @@ class S3Store:
 
     @property
     def endpoint(self) -> str:
-        """The endpoint URL requests go to (for messages)."""
+        """The endpoint URL requests go to (for messages: any credentials in it blanked)."""
+        from rectflow.secrets import redact_url
+
         if self._client is not None:
-            return str(self._client.meta.endpoint_url)
-        return self.settings.resolved_endpoint() or f"https://s3.{self.settings.region}.amazonaws.com"
+            return redact_url(str(self._client.meta.endpoint_url))
+        return redact_url(self.settings.resolved_endpoint() or f"https://s3.{self.settings.region}.amazonaws.com")
 
     @property
     def client(self) -> Any:
