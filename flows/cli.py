@@ -32,14 +32,14 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def _guard(fn, *args, **kwargs):
-    from rectflow.train import NonFiniteLossError
+    from rectflow.train import RunFailedError
     from tasks.runner import StageFailedError, user_errors
 
     try:
         return fn(*args, **kwargs)
     except user_errors() as e:
         fail(str(e))
-    except NonFiniteLossError as e:
+    except RunFailedError as e:  # a NaN loss, diverging pairs, memory exhausted after writing
         fail(str(e), code=1)
     except StageFailedError as e:
         fail(str(e), code=1)

@@ -156,12 +156,12 @@ def dvc_repro(root: Path, stage: str, verbose: bool = False) -> bool:
 
 def _not_user_error(task, task_run, state) -> bool:  # type: ignore[no-untyped-def]
     """Retry transient failures only: a bad input or a NaN loss will fail again the same way."""
-    from rectflow.train import NonFiniteLossError
+    from rectflow.train import RunFailedError
     from tasks.runner import user_errors
 
     try:
         state.result()
-    except (*user_errors(), NonFiniteLossError):
+    except (*user_errors(), RunFailedError):
         return False
     except Exception as e:
         text = str(e)

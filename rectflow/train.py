@@ -42,10 +42,15 @@ from rectflow.io import atomic_path
 if TYPE_CHECKING:
     from rectflow.adversarial import Adversary
 
-__all__ = ["BatchSource", "NonFiniteLossError", "TrainResult", "learning_rate", "train"]
+__all__ = ["BatchSource", "NonFiniteLossError", "RunFailedError", "TrainResult", "learning_rate", "train"]
 
 
-class NonFiniteLossError(RuntimeError):
+class RunFailedError(RuntimeError):
+    """A run that failed while working (exit 1, one line, never retried): what it computed diverged.
+    The message names what and where, and what was kept."""
+
+
+class NonFiniteLossError(RunFailedError):
     """The loss became NaN or infinite; the message names the step."""
 
 
