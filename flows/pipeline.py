@@ -36,6 +36,8 @@ from rectflow.layout import Layout
 from rectflow.params import load_params, load_yaml_text, resolve
 from rectflow.stages import STAGES, stage as stage_decl
 
+from flows.dvcfiles import LOCK_FIX, check_dvc_lock, dvc_file_refused
+
 PARAMS_FILE = "params.yaml"
 
 
@@ -143,6 +145,10 @@ def dvc_repro(root: Path, stage: str, verbose: bool = False) -> bool:
                 ran = ran or line.startswith("Running stage ")
             if line.startswith("rectflow: error: "):
                 errors.append(line[len("rectflow: error: "):].strip())
+            elif dvc_file_refused(line):  # DVC cannot read dvc.lock / dvc.yaml: bad input, not transient
+                errors.append(f"{dvc_file_refused(line)}: DVC cannot read it ({' '.join(line.split())[:200]}); "
+                              + (LOCK_FIX if dvc_file_refused(line) == "dvc.lock" else
+                                 "regenerate it with `rectflow dvc-yaml`"))
             if verbose or not _quiet_line(line):
                 sys.stderr.write(line)
                 sys.stderr.flush()
@@ -156,7 +162,7 @@ def dvc_repro(root: Path, stage: str, verbose: bool = False) -> bool:
 
 def _not_user_error(task, task_run, state) -> bool:  # type: ignore[no-untyped-def]
     """Retry transient failures only: a bad input or a NaN loss will fail again the same way."""
-    from rectflow.train import RunFailedError
+    from rectflow.errors import RunFailedError
     from tasks.runner import user_errors
 
     try:
@@ -235,6 +241,7 @@ def pipeline(params: Params = _defaults(), track: bool = True, overrides: list[s
     logger = get_run_logger()
     _venv_on_path()
     with workspace_lock(root, wait=True, timeout=settings().lock_timeout):
+        check_dvc_lock(root)  # before anything is written or tracked: DVC could not run any stage
         path = root / PARAMS_FILE
         recorded = record_overrides(path, form_overrides(path, params) if overrides is None else overrides)
         if recorded:

@@ -37,17 +37,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from rectflow.flow import interpolate, loss_fn, sample_time
+from rectflow.errors import RunFailedError
 from rectflow.io import atomic_path
 
 if TYPE_CHECKING:
     from rectflow.adversarial import Adversary
 
 __all__ = ["BatchSource", "NonFiniteLossError", "RunFailedError", "TrainResult", "learning_rate", "train"]
-
-
-class RunFailedError(RuntimeError):
-    """A run that failed while working (exit 1, one line, never retried): what it computed diverged.
-    The message names what and where, and what was kept."""
 
 
 class NonFiniteLossError(RunFailedError):

@@ -187,7 +187,7 @@ def generate_shard(
     z1, nfe = solve_pairs(model, z0, p, dev, times)
     bad = ~torch.isfinite(z1.reshape(rows, -1)).all(1)
     if bad.any():  # what is generated is checked as strictly as what is loaded: never a NaN pair on disk
-        from rectflow.train import RunFailedError
+        from rectflow.errors import RunFailedError
 
         c = p.couple
         how = f"{c.solver}, {c.steps} steps" if c.solver != "rk45" else f"rk45, rtol {c.rtol:g}"
