@@ -139,7 +139,10 @@ def _run_module(module: Any, name: str, p: Params, layout: Any, services: dict[s
             if untouched:
                 raise ParamsError(message + " (nothing was written)") from None
         else:
-            message = f"{e.filename or name}: cannot be written ({e.strerror}) by stage {name}"
+            where = Path(str(e.filename)) if e.filename else None
+            if where is not None and where.is_absolute() and where.is_relative_to(Path(layout.root).absolute()):
+                where = where.relative_to(Path(layout.root).absolute())
+            message = f"{where or name}: cannot be written ({e.strerror}) by stage {name}"
             if untouched:
                 raise WorkspaceError(message + " (nothing was written)") from None
         raise RunFailedError(message + "; what it wrote before is kept (complete files only: every file is "
