@@ -382,8 +382,8 @@ def target_is_images(data: DataParams) -> bool:
 
             with np.load(path, allow_pickle=False) as z:
                 return any(z[k].ndim == 4 for k in z.files[:1])
-    except (OSError, ValueError, EOFError):
-        return False  # prepare reports the bad file with its name
+    except Exception:  # any unreadable file (a damaged zip, a truncated header …): prepare names it
+        return False
     return False
 
 

@@ -35,7 +35,11 @@ def train(x_train: np.ndarray, labels: np.ndarray | None, seed: int, where: str)
                         f"{', all identical' if len(flat) > 1 else ''}")
     with warnings.catch_warnings():  # k-means on few distinct images warns; the clusters it finds are used
         warnings.simplefilter("ignore")
-        net = train_feature_net(x_train, labels, seed)
+        try:
+            net = train_feature_net(x_train, labels, seed)
+        except ValueError as e:  # e.g. extreme values that k-means cannot tell apart
+            raise DataError(f"{where}: cannot train the feature network of the Fréchet distance on it "
+                            f"({' '.join(str(e).split())[:200]})") from None
     bad = next((k for k, v in net.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if bad is not None:
         raise DataError(f"{where}: its values are too extreme to train the feature network of the Fréchet distance "
