@@ -100,10 +100,12 @@ def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
     """
     from rectflow.params import load_params
 
-    _guard(load_params, params, set_ or [])  # bad input fails here, before Prefect starts
+    p = _guard(load_params, params, set_ or [])  # bad input fails here, before Prefect starts
     from flows.dvcfiles import check_dvc_lock
+    from rectflow.preflight import check_writable, pipeline_paths
 
     _guard(check_dvc_lock, Path.cwd())  # so is a dvc.lock that DVC could not read
+    _guard(check_writable, "rectflow run", pipeline_paths(p, Path.cwd()), Path.cwd())  # and an unwritable output
     if not verbose:
         _quiet()
     from flows.prefect_server import prestart
@@ -118,15 +120,16 @@ def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
 
 def _quiet_refusals() -> None:
     """A stage that refuses its input inside the flow ends ``rectflow run`` with its own one line
-    (exit 2; a failed run's line, exit 1): Prefect's log records of that same exception (the task's
-    and the flow's, with a traceback) are left out of the console. ``--verbose`` shows them."""
+    (exit 2; a stage that failed, exit 1, its own error above): Prefect's log records of that same
+    exception (the task's and the flow's, with a traceback) are left out of the console.
+    ``--verbose`` shows them."""
     import logging
 
     from rectflow.errors import RunFailedError
-    from tasks.runner import user_errors
+    from tasks.runner import StageFailedError, user_errors
 
-    known = (*user_errors(), RunFailedError)
-    names = tuple(c.__name__ for c in known) + ("StageInputError", "DvcFileError")
+    known = (*user_errors(), RunFailedError, StageFailedError)
+    names = tuple(c.__name__ for c in known) + ("StageInputError", "DvcFileError")  # subclasses, by name
 
     class _Refusal(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:

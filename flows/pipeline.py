@@ -128,7 +128,7 @@ def dvc_repro(root: Path, stage: str, verbose: bool = False) -> bool:
     stale outputs, and afterwards hashes, caches and locks the outputs, exactly as ``dvc repro``.
     Its output is passed through line by line (less DVC's git hints unless ``verbose``); a stage
     that failed on bad input (its ``rectflow: error: …`` line, exit 2) raises :class:`StageInputError`
-    with that line, anything else a RuntimeError naming the stage and DVC's status.
+    with that line, anything else a StageFailedError (exit 1, retried once) naming the stage and DVC's status.
     """
     import subprocess
 
@@ -155,8 +155,10 @@ def dvc_repro(root: Path, stage: str, verbose: bool = False) -> bool:
     if proc.returncode != 0:
         if errors:
             raise StageInputError(errors[-1])
-        raise RuntimeError(f"stage {stage}: `dvc repro --single-item {stage}` exited with status {proc.returncode} "
-                           "(its error is above)")
+        from tasks.runner import StageFailedError
+
+        raise StageFailedError(f"stage {stage}: `dvc repro --single-item {stage}` exited with status "
+                               f"{proc.returncode} (its error is above)")
     return ran
 
 
@@ -242,6 +244,9 @@ def pipeline(params: Params = _defaults(), track: bool = True, overrides: list[s
     _venv_on_path()
     with workspace_lock(root, wait=True, timeout=settings().lock_timeout):
         check_dvc_lock(root)  # before anything is written or tracked: DVC could not run any stage
+        from rectflow.preflight import check_writable, pipeline_paths
+
+        check_writable("rectflow run", pipeline_paths(params, root), root)
         path = root / PARAMS_FILE
         recorded = record_overrides(path, form_overrides(path, params) if overrides is None else overrides)
         if recorded:

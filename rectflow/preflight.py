@@ -34,7 +34,7 @@ from rectflow.config import Params, ParamsError
 
 __all__ = [
     "Need", "WorkspaceError", "available_memory", "check_memory", "check_writable", "human_bytes", "is_out_of_memory",
-    "output_state", "sample_needs", "stage_needs", "stage_paths",
+    "output_state", "pipeline_paths", "sample_needs", "stage_needs", "stage_paths",
 ]
 
 
@@ -55,6 +55,19 @@ def stage_paths(name: str, p: Params, root: Path) -> list[Path]:
     if name not in ("resolve", "prepare"):
         outs += [root / ".rectflow" / "checkpoints", root / ".rectflow" / "staging"]
     return list(dict.fromkeys(outs))
+
+
+def pipeline_paths(p: Params, root: Path) -> list[Path]:
+    """Everything a whole pipeline run may write: every stage's :func:`stage_paths`, and the files
+    the flow itself writes beside them (``params.yaml`` with overrides, ``dvc.yaml``, ``dvc.lock``,
+    ``params.resolved.yaml``, DVC's cache and temporary folders)."""
+    from rectflow.stages import STAGES
+
+    paths = [q for name in STAGES for q in stage_paths(name, p, root)]
+    paths += [root / f for f in ("params.yaml", "dvc.yaml", "dvc.lock", "params.resolved.yaml")]
+    if (root / ".dvc").is_dir():
+        paths += [root / ".dvc" / "tmp", root / ".dvc" / "cache"]
+    return list(dict.fromkeys(paths))
 
 
 def _probe(directory: Path) -> str | None:

@@ -389,6 +389,8 @@ CASES = [
          base="coupled", marks=UNWRITABLE, **dict(zip(("setup", "teardown"), unwritable(".rectflow/checkpoints")))),
     Case("workspace-unwritable-lock", ["stage", "prepare"], [".rectflow", "workspace lock"],
          marks=UNWRITABLE, **dict(zip(("setup", "teardown"), unwritable(".")))),
+    Case("run-workspace-unwritable", ["run"], ["models", "not writable", "rectflow run"], marks=UNWRITABLE,
+         **dict(zip(("setup", "teardown"), unwritable("models")))),
     Case("workspace-file-in-the-way", ["stage", "prepare"], ["data", "is a file"],
          setup=lambda ws: write(ws, "data", "not a folder\n")),
     # -- rectflow run: a dvc.lock DVC could not read is refused before Prefect starts ------------------
