@@ -23,6 +23,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="rectflow: rectified-flow pipeline (pretrain, couple, reflow, distill, quantize, evaluate).")
 
 ParamsOpt = Annotated[Path, typer.Option("--params", help="params file")]
+INT64_MAX = 2**63 - 1  # what torch takes as a count
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override KEY=VALUE (dotted key), repeatable")]
 
 
@@ -34,14 +35,14 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def _guard(fn, *args, **kwargs):
-    from rectflow.train import NonFiniteLossError
+    from rectflow.errors import RunFailedError
     from tasks.runner import StageFailedError, user_errors
 
     try:
         return fn(*args, **kwargs)
     except user_errors() as e:
         fail(str(e))
-    except NonFiniteLossError as e:
+    except RunFailedError as e:  # a NaN loss, diverging pairs, memory exhausted after writing
         fail(str(e), code=1)
     except StageFailedError as e:
         fail(str(e), code=1)
@@ -101,7 +102,12 @@ def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
     """
     from rectflow.params import load_params
 
-    _guard(load_params, params, set_ or [])  # bad input fails here, before Prefect starts
+    p = _guard(load_params, params, set_ or [])  # bad input fails here, before Prefect starts
+    from flows.dvcfiles import check_dvc_lock
+    from rectflow.preflight import check_writable, pipeline_paths
+
+    _guard(check_dvc_lock, Path.cwd())  # so is a dvc.lock that DVC could not read
+    _guard(check_writable, "rectflow run", pipeline_paths(p, Path.cwd()), Path.cwd())  # and an unwritable output
     if not verbose:
         _quiet()
     from flows.prefect_server import prestart
@@ -109,7 +115,41 @@ def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
     starting = prestart()  # Prefect's temporary server starts while the rest is imported
     from flows.pipeline import run_cli
 
+    if not verbose:
+        _quiet_refusals()
     _guard(run_cli, params, set_ or [], starting, verbose)
+
+
+def _quiet_refusals() -> None:
+    """A stage that refuses its input inside the flow ends ``rectflow run`` with its own one line
+    (exit 2; a stage that failed, exit 1, its own error above): Prefect's log records of that same
+    exception (the task's and the flow's, with a traceback) are left out of the console.
+    ``--verbose`` shows them."""
+    import logging
+
+    from rectflow.errors import RunFailedError
+    from tasks.runner import StageFailedError, user_errors
+
+    known = (*user_errors(), RunFailedError, StageFailedError)
+    names = tuple(c.__name__ for c in known) + ("StageInputError", "DvcFileError")  # subclasses, by name
+
+    class _Refusal(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if not record.name.startswith("prefect"):
+                return True
+            exc = record.exc_info[1] if record.exc_info else None
+            if isinstance(exc, known):
+                return False
+            try:
+                text = record.getMessage()
+            except Exception:
+                return True
+            return not any(f"{n}(" in text or f"{n}:" in text for n in names)
+
+    loggers = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith("prefect")]
+    for logger in [logging.root, *loggers]:  # Prefect's console handler is the root logger's
+        for handler in getattr(logger, "handlers", []):
+            handler.addFilter(_Refusal())
 
 
 def _quiet() -> None:
@@ -128,10 +168,10 @@ def _quiet() -> None:
 def sample(
     model: Annotated[str, typer.Option(help="models/NAME (path) or an MLflow URI models:/NAME@ALIAS")],
     out: Annotated[Path, typer.Option(help="output .parquet")],
-    n: Annotated[int, typer.Option(min=1)] = 1000,
-    steps: Annotated[int, typer.Option(min=1)] = 1,
+    n: Annotated[int, typer.Option(min=1, max=INT64_MAX)] = 1000,
+    steps: Annotated[int, typer.Option(min=1, max=INT64_MAX)] = 1,
     solver: Annotated[str, typer.Option()] = "euler",
-    seed: Annotated[int, typer.Option(min=0)] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**64 - 1, help="0 … 2^64 − 1 (torch's generator seeds)")] = 0,
     schedule: Annotated[str, typer.Option(
         help="uniform | bellman: the model's saved BOSS time grid for K = --steps (models/NAME.schedule.json)"
     )] = "uniform",
@@ -159,6 +199,14 @@ def _sample(model: str, out: Path, n: int, steps: int, solver: str, seed: int, s
         fail("--schedule: 'bellman' needs a fixed-step solver (euler, heun, midpoint), got --solver rk45")
     if out.suffix not in (".parquet", ".pq"):
         fail(f"--out: expected a .parquet path, got {out}")
+    if out.is_dir():
+        fail(f"--out: {out} is a folder; expected the path of a .parquet file to write")
+    from rectflow.preflight import WorkspaceError, check_memory, check_writable, sample_needs
+
+    try:  # before anything is computed: the file can be written there
+        check_writable("rectflow sample", [out.absolute()], Path.cwd())
+    except WorkspaceError as e:
+        fail(f"--out: {e}")
     if model.startswith("models:/") or model.startswith("runs:/"):
         from flows.tracking import download_model
 
@@ -171,6 +219,7 @@ def _sample(model: str, out: Path, n: int, steps: int, solver: str, seed: int, s
         raise ModelError(f"--model: {stem.with_suffix('.json')} not found")
     dev = pick_device()
     net, card = load_model(stem, dev)
+    check_memory(sample_needs(card["arch"], n, steps, solver), dev)  # ParamsError naming --n or --steps
     times = None
     if schedule == "bellman":  # models/NAME.schedule.json beside the weights; ModelError names it
         from rectflow.schedule import schedule_times

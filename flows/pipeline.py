@@ -37,6 +37,8 @@ from rectflow.params import load_params, load_yaml_text, resolve
 from rectflow.secrets import SplitError, install as install_redaction, redact_text, split_environment
 from rectflow.stages import STAGES, stage as stage_decl
 
+from flows.dvcfiles import LOCK_FIX, check_dvc_lock, dvc_file_refused
+
 PARAMS_FILE = "params.yaml"
 
 
@@ -127,7 +129,7 @@ def dvc_repro(root: Path, stage: str, verbose: bool = False) -> bool:
     stale outputs, and afterwards hashes, caches and locks the outputs, exactly as ``dvc repro``.
     Its output is passed through line by line (less DVC's git hints unless ``verbose``); a stage
     that failed on bad input (its ``rectflow: error: …`` line, exit 2) raises :class:`StageInputError`
-    with that line, anything else a RuntimeError naming the stage and DVC's status.
+    with that line, anything else a StageFailedError (exit 1, retried once) naming the stage and DVC's status.
     """
     import subprocess
 
@@ -147,25 +149,31 @@ def dvc_repro(root: Path, stage: str, verbose: bool = False) -> bool:
                 ran = ran or line.startswith("Running stage ")
             if line.startswith("rectflow: error: "):
                 errors.append(line[len("rectflow: error: "):].strip())
+            elif dvc_file_refused(line):  # DVC cannot read dvc.lock / dvc.yaml: bad input, not transient
+                errors.append(f"{dvc_file_refused(line)}: DVC cannot read it ({' '.join(line.split())[:200]}); "
+                              + (LOCK_FIX if dvc_file_refused(line) == "dvc.lock" else
+                                 "regenerate it with `rectflow dvc-yaml`"))
             if verbose or not _quiet_line(line):
                 sys.stderr.write(line)
                 sys.stderr.flush()
     if proc.returncode != 0:
         if errors:
             raise StageInputError(errors[-1])
-        raise RuntimeError(f"stage {stage}: `dvc repro --single-item {stage}` exited with status {proc.returncode} "
-                           "(its error is above)")
+        from tasks.runner import StageFailedError
+
+        raise StageFailedError(f"stage {stage}: `dvc repro --single-item {stage}` exited with status "
+                               f"{proc.returncode} (its error is above)")
     return ran
 
 
 def _not_user_error(task, task_run, state) -> bool:  # type: ignore[no-untyped-def]
     """Retry transient failures only: a bad input or a NaN loss will fail again the same way."""
-    from rectflow.train import NonFiniteLossError
+    from rectflow.errors import RunFailedError
     from tasks.runner import user_errors
 
     try:
         state.result()
-    except (*user_errors(), NonFiniteLossError):
+    except (*user_errors(), RunFailedError):
         return False
     except Exception as e:
         text = str(e)
@@ -244,6 +252,10 @@ def pipeline(params: Params = _defaults(), track: bool = True, overrides: list[s
     logger = get_run_logger()
     _venv_on_path()
     with workspace_lock(root, wait=True, timeout=settings().lock_timeout):
+        check_dvc_lock(root)  # before anything is written or tracked: DVC could not run any stage
+        from rectflow.preflight import check_writable, pipeline_paths
+
+        check_writable("rectflow run", pipeline_paths(params, root), root)
         path = root / PARAMS_FILE
         recorded = record_overrides(path, form_overrides(path, params) if overrides is None else overrides)
         if recorded:

@@ -32,8 +32,9 @@ TimeDist = Literal["uniform", "logit_normal", "u_shaped"]
 LossName = Literal["l2", "pseudo_huber"]
 Precision = Literal["fp32", "bf16"]
 
-PosInt = Annotated[int, Field(gt=0)]
-NonNegInt = Annotated[int, Field(ge=0)]
+INT64_MAX = 2**63 - 1  # every count and size ends up in a torch/numpy int64: larger ones are refused here
+PosInt = Annotated[int, Field(gt=0, le=INT64_MAX)]
+NonNegInt = Annotated[int, Field(ge=0, le=INT64_MAX)]
 PosFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 UnitFloat = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
@@ -319,7 +320,7 @@ class BellmanParams(Section):
     """BOSS step schedules (rectflow/schedule.py), made for every flow the pipeline trains and saved
     beside it as ``models/rfK.schedule.json``: the least-cost K-step grid for every K = 1 … grid_points."""
 
-    grid_points: Annotated[int, Field(ge=2)] = Field(
+    grid_points: Annotated[int, Field(ge=2, le=INT64_MAX)] = Field(
         100, description="Teacher Euler steps of the trajectory the costs come from (the largest K)."
     )
     n_samples: PosInt = Field(1024, description="Source draws the one-step cost matrix is averaged over.")
@@ -417,8 +418,8 @@ def target_is_images(data: DataParams) -> bool:
 
             with np.load(path, allow_pickle=False) as z:
                 return any(z[k].ndim == 4 for k in z.files[:1])
-    except (OSError, ValueError, EOFError):
-        return False  # prepare reports the bad file with its name
+    except Exception:  # any unreadable file (a damaged zip, a truncated header …): prepare names it
+        return False
     return False
 
 

@@ -23,6 +23,7 @@ import torch
 __all__ = [
     "DataError",
     "Distribution",
+    "check_array",
     "generate_2d",
     "load_array_file",
     "load_digits",
@@ -105,7 +106,10 @@ def generate_2d(name: str, n: int, seed: int, noise: float | None = None) -> np.
     """``n`` samples of the built-in 2D set ``name``, shape ``(n, 2)``, float32, deterministic."""
     if name not in GENERATORS:
         raise DataError(f"data: unknown 2D set {name!r}; expected one of {sorted(GENERATORS)}")
-    return GENERATORS[name](n, _rng(seed, name), noise).astype(np.float32)
+    x = np.asarray(GENERATORS[name](n, _rng(seed, name), noise))
+    # What is generated is checked exactly as what is loaded: finite, and within float32's range.
+    where = f"data.noise: {noise:g} makes the {name} set" if noise is not None else f"data: the {name} set would"
+    return check_array(x, where, generated=True)
 
 
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -117,18 +121,37 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
     return x, d.target.astype(np.int64)
 
 
-def _check_array(x: np.ndarray, where: str) -> np.ndarray:
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_array(x: np.ndarray, where: str, generated: bool = False) -> np.ndarray:
+    """``x`` as float32 ``(n, d)`` or ``(n, c, h, w)`` if it is a non-empty numeric array whose
+    values are finite and fit in float32; else :class:`DataError` naming ``where`` and the first
+    bad row. Loaded files and generated sets go through this same check; ``generated`` words the
+    message for a set that was drawn (``where`` then names the setting, e.g. ``data.noise``)."""
     if x.dtype.kind not in "fiub":
         raise DataError(f"{where}: expected a numeric array, got dtype {x.dtype}")
     if x.ndim not in (2, 4):
         raise DataError(f"{where}: expected shape (n, d) or (n, c, h, w), got {tuple(x.shape)}")
     if x.shape[0] == 0 or x.size == 0:
         raise DataError(f"{where}: is empty")
-    x = x.astype(np.float32, copy=False)
-    if not np.isfinite(x).all():
-        bad = int((~np.isfinite(x)).reshape(len(x), -1).any(1).argmax())
-        raise DataError(f"{where}: contains NaN or infinite values (first in row {bad})")
-    return x
+    if x.dtype.kind == "f":
+        with np.errstate(all="ignore"):  # no numpy warning on stderr: the message below says it
+            rows = x.reshape(len(x), -1)
+            finite = np.isfinite(rows).all(1)
+            big = ~finite | (np.abs(rows) > F32_MAX).any(1) if x.dtype.itemsize > 4 else ~finite
+            if big.any():
+                first = int(big.argmax())
+                if generated:
+                    top = float(np.nanmax(np.abs(rows))) if not np.isnan(rows).all() else float("nan")
+                    raise DataError(f"{where} overflow float32 (|x| up to {top:.3g}, first in row {first}; "
+                                    f"float32 holds at most {F32_MAX:.3g})")
+                if not finite.all():
+                    raise DataError(f"{where}: contains NaN or infinite values (first in row {int((~finite).argmax())})")
+                top = float(np.abs(rows).max())
+                raise DataError(f"{where}: has values too large for float32 (|x| up to {top:.3g}, first in row "
+                                f"{first}; float32 holds at most {F32_MAX:.3g})")
+    return x.astype(np.float32, copy=False)
 
 
 def load_array_file(path: str | Path) -> np.ndarray:
@@ -144,7 +167,7 @@ def load_array_file(path: str | Path) -> np.ndarray:
         from rectflow.imaging import load_image_folder
 
         try:
-            return _check_array(load_image_folder(p), str(p))
+            return check_array(load_image_folder(p), str(p))
         except ValueError as e:
             raise DataError(str(e)) from None
     suffix = p.suffix.lower()
@@ -166,7 +189,16 @@ def load_array_file(path: str | Path) -> np.ndarray:
             cols = [c for c, f in zip(table.column_names, table.schema) if pat.is_integer(f.type) or pat.is_floating(f.type)]
             if not cols:
                 raise DataError(f"{p}: no numeric columns")
-            x = np.stack([table.column(c).to_numpy(zero_copy_only=False) for c in cols], 1)
+            for c in cols:  # a null would silently become NaN (or turn an integer column into floats)
+                col = table.column(c)
+                if col.null_count:
+                    import pyarrow.compute as pc
+
+                    first = int(pc.index(pc.is_null(col), True).as_py())
+                    raise DataError(f"{p}: column {c!r} has {col.null_count} null value(s) (first in row {first}); "
+                                    "expected numbers in every row")
+            x = np.stack([table.column(c).to_numpy(zero_copy_only=False) for c in cols], 1) if table.num_rows \
+                else np.zeros((0, len(cols)), np.float32)
         else:
             raise DataError(f"{p}: unsupported file type {suffix!r}; expected .parquet, .npy or .npz")
     except DataError:
@@ -176,15 +208,17 @@ def load_array_file(path: str | Path) -> np.ndarray:
             raise DataError(f"{p}: cannot be read (not a plain numeric array; pickled objects are never loaded)") from None
         first = (str(e).splitlines() or [""])[0][:200]
         raise DataError(f"{p}: cannot be read ({e.__class__.__name__}: {first})") from None
-    return _check_array(np.asarray(x), str(p))
+    return check_array(np.asarray(x), str(p))
 
 
-def make_split(x: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic train/test split of a finite data set by ``seed``."""
+def make_split(x: np.ndarray, test_fraction: float, seed: int, where: str = "data set") -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic train/test split of a finite data set by ``seed`` (``where`` names it in errors)."""
     n = len(x)
     n_test = max(1, int(round(n * test_fraction)))
     if n_test >= n:
-        raise DataError(f"data set of {n} rows is too small for a test fraction of {test_fraction}")
+        need = next(m for m in range(2, 1 << 30) if max(1, int(round(m * test_fraction))) < m)
+        raise DataError(f"{where}: {n} row(s) are too few to split by data.test_fraction={test_fraction} "
+                        f"(expected at least {need})")
     perm = np.random.default_rng(seed).permutation(n)
     return x[perm[n_test:]], x[perm[:n_test]]
 

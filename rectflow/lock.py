@@ -95,6 +95,9 @@ def _open_locked(path: Path, wait: bool, deadline: float) -> int:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except FileNotFoundError:  # .rectflow/ removed by a releasing holder in between: retry
             continue
+        except OSError as e:  # an unwritable workspace (permissions, read-only file system, a file in the way)
+            raise LockError(f"{path.parent}: cannot hold the workspace lock there ({e.strerror}); the workspace "
+                            "must be writable") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:

@@ -31,7 +31,10 @@ from rectflow.io import atomic_path, file_sha256, read_json
 if TYPE_CHECKING:
     from rectflow.storage import Store
 
-__all__ = ["ManifestError", "PairStream", "read_manifest", "read_shard", "shard_name", "write_shard"]
+__all__ = [
+    "ManifestError", "PairStream", "check_manifest", "read_manifest", "read_shard", "shard_name", "shard_rows",
+    "write_shard",
+]
 
 MANIFEST = "manifest.json"
 
@@ -42,6 +45,12 @@ class ManifestError(ValueError):
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.parquet"
+
+
+def shard_rows(n_pairs: int, shard_size: int) -> list[int]:
+    """The rows of each shard of a round of ``n_pairs`` pairs cut into ``shard_size``-row shards."""
+    full, rest = divmod(n_pairs, shard_size)
+    return [shard_size] * full + ([rest] if rest else [])
 
 
 def _fixed_list(x: np.ndarray) -> pa.FixedSizeListArray:
@@ -77,12 +86,41 @@ def _decode(data: bytes, shape: tuple[int, ...], where: str) -> tuple[np.ndarray
         table = pq.read_table(io.BytesIO(data), columns=["z0", "z1"])
     except Exception as e:
         raise ManifestError(f"{where}: not a readable pair shard ({e.__class__.__name__})") from None
+    _check_columns(table.schema, shape, where)
     out = []
     for col in ("z0", "z1"):
         arr = table.column(col).combine_chunks()
         flat = arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
         out.append(flat.reshape(len(table), *shape))
     return out[0], out[1]
+
+
+def _check_columns(schema: pa.Schema, shape: tuple[int, ...], where: str) -> None:
+    """Both columns are fixed-size lists of floats as long as the manifest's shape says; else a
+    ManifestError naming the shard and both dimensions."""
+    dim = int(np.prod(shape))
+    for col in ("z0", "z1"):
+        if col not in schema.names:
+            raise ManifestError(f"{where}: not a pair shard (no column {col!r})")
+        t = schema.field(col).type
+        if not pa.types.is_fixed_size_list(t) or not pa.types.is_floating(t.value_type):
+            raise ManifestError(f"{where}: not a pair shard (column {col!r} is {t}, expected fixed-size lists of floats)")
+        if t.list_size != dim:
+            raise ManifestError(f"{where}: holds pairs of dimension {t.list_size}, but the manifest's shape "
+                                f"{list(shape)} has dimension {dim}; the manifest does not describe its shards "
+                                "(rerun the couple stage to remake the round)")
+
+
+def check_shard_file(path: Path, entry: dict[str, Any], shape: tuple[int, ...]) -> None:
+    """A shard's Parquet footer (no data read) agrees with its manifest entry and the round's shape."""
+    try:
+        meta = pq.read_metadata(path)
+        schema = meta.schema.to_arrow_schema()
+    except Exception as e:
+        raise ManifestError(f"{path}: not a readable pair shard ({e.__class__.__name__})") from None
+    _check_columns(schema, shape, str(path))
+    if meta.num_rows != entry["rows"]:
+        raise ManifestError(f"{path}: {meta.num_rows} rows, the manifest says {entry['rows']}")
 
 
 def read_manifest(round_dir: Path, require_complete: bool = True) -> dict[str, Any]:
@@ -98,21 +136,54 @@ def read_manifest(round_dir: Path, require_complete: bool = True) -> dict[str, A
 
 def check_manifest(man: Any, where: str, require_complete: bool = True) -> dict[str, Any]:
     """``man`` (parsed JSON) if it is a valid manifest (and complete, unless told otherwise); else
-    :class:`ManifestError` naming ``where`` (a file or an object URL)."""
+    :class:`ManifestError` naming ``where`` (a file or an object URL). A complete manifest's totals
+    must add up: its shards' rows sum to its ``n_pairs``, cut by its ``shard_size``, and its ``dim``
+    is the product of its ``shape``."""
     path = where
     try:
         shards, shape = man["shards"], man["shape"]
-        ok = isinstance(shards, list) and isinstance(shape, list) and all(isinstance(n, int) and n > 0 for n in shape)
+        ok = isinstance(shards, list) and isinstance(shape, list) and all(_posint(n) for n in shape) and bool(shape)
         for e in shards if ok else []:
             ok = ok and isinstance(e, dict) and isinstance(e.get("name"), str) and "/" not in e["name"] \
-                and isinstance(e.get("sha256"), str) and isinstance(e.get("rows"), int)
+                and isinstance(e.get("sha256"), str) and _posint(e.get("rows"))
         if not ok:
             raise ValueError
     except (ValueError, KeyError, TypeError):
         raise ManifestError(f"{path}: not a valid manifest") from None
+    dim = int(np.prod(shape))
+    if "dim" in man and man["dim"] != dim:
+        raise ManifestError(f"{path}: dim {man['dim']!r} does not match its shape {shape} (dimension {dim})")
     if require_complete and not man.get("complete"):
         raise ManifestError(f"{path}: the round is incomplete (rerun the couple stage to finish it)")
+    if man.get("complete"):
+        _check_totals(man, path)
     return man
+
+
+def _posint(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _check_totals(man: dict[str, Any], path: str) -> None:
+    shards, n = man["shards"], man.get("n_pairs")
+    fix = "the round is incomplete or was edited (rerun the couple stage to remake it)"
+    if not _posint(n):
+        raise ManifestError(f"{path}: not a valid manifest (n_pairs: expected a positive integer, got {n!r})")
+    names = [e["name"] for e in shards]
+    dup = next((x for i, x in enumerate(names) if x in names[:i]), None)
+    if dup is not None:
+        raise ManifestError(f"{path}: lists {dup} twice; {fix}")
+    total = sum(e["rows"] for e in shards)
+    if total != n:
+        raise ManifestError(f"{path}: lists {total} pair(s) in {len(shards)} shard(s), but its n_pairs is {n}; {fix}")
+    size = man.get("shard_size")
+    if size is not None:
+        if not _posint(size):
+            raise ManifestError(f"{path}: not a valid manifest (shard_size: expected a positive integer, got {size!r})")
+        expected = shard_rows(n, size)
+        if [e["rows"] for e in shards] != expected or names != [shard_name(i) for i in range(len(expected))]:
+            raise ManifestError(f"{path}: its {len(shards)} shard(s) are not {n} pairs cut into {size}-row shards "
+                                f"({len(expected)} shard(s), shard-00000 … {shard_name(len(expected) - 1)}); {fix}")
 
 
 def read_shard(round_dir: Path, entry: dict[str, Any], shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -216,6 +287,7 @@ class PairStream:
                 p = Path(self.dir) / e["name"]
                 if not p.is_file() or p.stat().st_size != e.get("bytes", p.stat().st_size):
                     raise ManifestError(f"{p}: missing or of the wrong size for its manifest")
+                check_shard_file(p, e, self.shape)  # rows and dimension, from the footer, before training
         else:
             present = set(store.list(f"{self.dir}/"))
             for e in self.shards:

@@ -37,15 +37,16 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from rectflow.flow import interpolate, loss_fn, sample_time
+from rectflow.errors import RunFailedError
 from rectflow.io import atomic_path
 
 if TYPE_CHECKING:
     from rectflow.adversarial import Adversary
 
-__all__ = ["BatchSource", "NonFiniteLossError", "TrainResult", "learning_rate", "train"]
+__all__ = ["BatchSource", "NonFiniteLossError", "RunFailedError", "TrainResult", "learning_rate", "train"]
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunFailedError):
     """The loss became NaN or infinite; the message names the step."""
 
 

@@ -248,13 +248,33 @@ def rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def open_pairs(p: Params, layout: Layout, round_k: int, seed: int, dev: torch.device):  # -> PairStream
+def open_pairs(p: Params, layout: Layout, round_k: int, seed: int, dev: torch.device,
+               model: str | None = None):  # -> PairStream
     """The pairs of coupling round ``round_k`` as a shuffled stream for this rank.
 
     From ``data/couplings/round-K`` when the round is complete there (manifest complete, every
     shard present); otherwise, when storage is S3, from the store's ``couplings/round-K/``
     (streamed shard by shard, each verified by sha256). Else the local round's error.
+    ``model`` (``rfK``): the flow the pairs will train; the round's shape must be its shape.
     """
+    stream = _open_pairs(p, layout, round_k, seed, dev)
+    man = stream.man
+    where = stream._where("manifest.json")  # the local file, or the object's URL
+    from rectflow.pairs import ManifestError
+
+    if man.get("round", round_k) != round_k:
+        raise ManifestError(f"{where}: says round {man.get('round')!r}, expected {round_k}; rerun the couple stage")
+    if model is not None:
+        from rectflow.nets import read_model_card
+
+        arch_shape = list(read_model_card(layout.model(model))["arch"]["shape"])
+        if list(stream.shape) != arch_shape:
+            raise ManifestError(f"{where}: pairs of shape {list(stream.shape)}, but models/{model} (which they train) "
+                                f"has shape {arch_shape}; rerun the couple stage")
+    return stream
+
+
+def _open_pairs(p: Params, layout: Layout, round_k: int, seed: int, dev: torch.device):  # -> PairStream
     import sys
 
     from rectflow.pairs import ManifestError, PairStream, read_manifest

@@ -32,7 +32,7 @@ from rectflow.config import CoupleParams, Params
 from rectflow.data import Distribution, load_prepared
 from rectflow.io import atomic_write_json, file_sha256, read_json
 from rectflow.layout import Layout
-from rectflow.pairs import MANIFEST, shard_name, write_shard
+from rectflow.pairs import MANIFEST, ManifestError, check_manifest, shard_name, shard_rows, write_shard
 from rectflow.solvers import solve
 from rectflow.train import fingerprint
 from tasks._common import device, model_sha, teacher
@@ -126,11 +126,6 @@ class ShardJob:
         return _WORKER_CACHE[key]
 
 
-def shard_rows(n_pairs: int, shard_size: int) -> list[int]:
-    full, rest = divmod(n_pairs, shard_size)
-    return [shard_size] * full + ([rest] if rest else [])
-
-
 def round_times(p: Params, layout: Layout, round_k: int) -> torch.Tensor | None:
     """The time grid ``(couple.steps + 1,)`` of round ``round_k``: rf{round_k}'s saved BOSS schedule
     for K = ``couple.steps`` when ``couple.schedule`` is ``bellman``, else None (uniform steps or
@@ -190,6 +185,15 @@ def generate_shard(
     :func:`solve_pairs`); returns (z0, z1, NFE)."""
     z0 = sample_source(source, rows, shard_seed(p.seed, round_k, index), shape)
     z1, nfe = solve_pairs(model, z0, p, dev, times)
+    bad = ~torch.isfinite(z1.reshape(rows, -1)).all(1)
+    if bad.any():  # what is generated is checked as strictly as what is loaded: never a NaN pair on disk
+        from rectflow.errors import RunFailedError
+
+        c = p.couple
+        how = f"{c.solver}, {c.steps} steps" if c.solver != "rk45" else f"rk45, rtol {c.rtol:g}"
+        raise RunFailedError(f"rf{round_k}: {shard_name(index)} of round {round_k} came out NaN or infinite in "
+                             f"{int(bad.sum())} of {rows} rows: models/rf{round_k} diverges under couple.solver {how}; "
+                             "that shard was not written (retrain the flow, or use another solver)")
     return z0.numpy(), z1.numpy(), nfe
 
 
@@ -201,6 +205,18 @@ def _entry_valid(staging: Path, entry: Any) -> bool:
         return False
     path = staging / entry["name"]
     return path.is_file() and file_sha256(path) == entry["sha256"]
+
+
+def _unsound(final: Path, man: dict[str, Any], shape: tuple[int, ...], c: CoupleParams) -> str | None:
+    """Why the finished round's manifest cannot be reused as it is for these params, or None."""
+    try:
+        check_manifest(man, str(final / MANIFEST))
+    except ManifestError as e:
+        return str(e)
+    if man["shape"] != list(shape) or man.get("n_pairs") != c.n_pairs or man.get("shard_size") != c.shard_size:
+        return (f"{final / MANIFEST}: shape {man['shape']}, n_pairs {man.get('n_pairs')}, shard_size "
+                f"{man.get('shard_size')} where these params make {list(shape)}, {c.n_pairs}, {c.shard_size}")
+    return None
 
 
 def _read_manifest_or_none(path: Path) -> dict[str, Any] | None:
@@ -252,8 +268,11 @@ def run_round(p: Params, layout: Layout, round_k: int, shard_executor: ShardExec
     trash = staging.parent / f".{staging.name}.replaced"
     shutil.rmtree(trash, ignore_errors=True)  # a crash between the two renames below leaves it
     done = _read_manifest_or_none(final / MANIFEST) if (final / MANIFEST).is_file() else None
+    why = None
     if done is not None and done.get("fingerprint") == fp and done.get("complete"):
-        if all(_entry_valid(final, e) for e in done["shards"]):
+        # Reused only if its totals add up for these params (rows, shards, shape) and every shard checks out.
+        why = _unsound(final, done, shape, c)
+        if why is None and all(_entry_valid(final, e) for e in done["shards"]):
             if remote is not None:
                 remote.sync(final, [e["name"] for e in done["shards"]])
             return _record(done, reused=len(done["shards"]), made_rows=0, seconds=0.0)
@@ -264,7 +283,8 @@ def run_round(p: Params, layout: Layout, round_k: int, shard_executor: ShardExec
         if done is not None and done.get("fingerprint") == fp:
             # The finished round of this very configuration was damaged (a shard deleted or
             # corrupted): take it back into staging and remake only what fails its sha256.
-            print(f"[couple] round {round_k}: {final} fails verification; repairing it", file=sys.stderr, flush=True)
+            print(f"[couple] round {round_k}: {final} fails verification{f' ({why})' if why else ''}; repairing it",
+                  file=sys.stderr, flush=True)
             staging.parent.mkdir(parents=True, exist_ok=True)
             final.rename(staging)
             man = done

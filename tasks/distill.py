@@ -26,7 +26,7 @@ def run(p: Params, layout: Layout) -> dict:
     for name, k in student_names(p.distill.k):
         model = build_model(card["arch"])
         model.load_state_dict(load_state(layout.model(parent)))
-        batches = open_pairs(p, layout, last, seed=p.seed + 100 + k, dev=dev)  # local copy, else S3
+        batches = open_pairs(p, layout, last, seed=p.seed + 100 + k, dev=dev, model=parent)  # local, else S3
         man = batches.man
         adv = p.distill.adversarial
         adversary = (Adversary(tuple(card["arch"]["shape"]), adv.weight, adv.lr, adv.channels, seed=p.seed + 200 + k,

@@ -27,7 +27,7 @@ def _materialise(kind: str, path: str | None, p: Params, side: str) -> tuple[np.
         x = load_array_file(path)  # type: ignore[arg-type]
     else:
         raise DataError(f"data.{side}: unknown data set {kind!r}")
-    return make_split(x, d.test_fraction, p.seed)
+    return make_split(x, d.test_fraction, p.seed, str(path) if kind == "file" else f"data.{side}: {kind}")
 
 
 def load_sides(p: Params) -> dict[str, tuple[np.ndarray, np.ndarray] | tuple[int, ...]]:
@@ -49,31 +49,43 @@ def load_sides(p: Params) -> dict[str, tuple[np.ndarray, np.ndarray] | tuple[int
     return out
 
 
+def _where(p: Params, side: str) -> str:
+    kind = getattr(p.data, side)
+    return str(getattr(p.data, f"{side}_path")) if kind == "file" else f"data.{side}: {kind}"
+
+
 def run(p: Params, layout: Layout) -> dict:
     sides = load_sides(p)  # all validation happens before the first write
+    net = None
+    labels = None
+    if len(sides["target"][0].shape) == 4:  # images: the frozen feature net of the Fréchet distance,
+        from tasks.features import train  # trained (and checked) before anything is written
+
+        labels = make_split(load_digits()[1], p.data.test_fraction, p.seed)[0] if p.data.target == "digits" else None
+        net = train(sides["target"][0], labels, p.seed, _where(p, "target"))  # type: ignore[arg-type]
     meta: dict = {}
     for side in ("source", "target"):
         value = sides[side]
         if isinstance(value[0], np.ndarray):
-            train, test = value  # type: ignore[misc]
+            train_x, test_x = value  # type: ignore[misc]
             files = {}
-            for split, arr in (("train", train), ("test", test)):
+            for split, arr in (("train", train_x), ("test", test_x)):
                 path = layout.prepared / f"{side}-{split}.npy"
                 with atomic_path(path) as tmp:
                     with open(tmp, "wb") as f:
                         np.save(f, np.ascontiguousarray(arr, dtype=np.float32))
                 files[split] = {"path": str(path.relative_to(layout.root)), "sha256": file_sha256(path)}
             kind = getattr(p.data, side)
-            meta[side] = {"kind": kind, "shape": list(train.shape[1:]), "n_train": len(train), "n_test": len(test), "files": files}
+            meta[side] = {"kind": kind, "shape": list(train_x.shape[1:]), "n_train": len(train_x), "n_test": len(test_x),
+                          "files": files}
         else:
             meta[side] = {"kind": "gaussian", "shape": list(value)}
             for split in ("train", "test"):
                 (layout.prepared / f"{side}-{split}.npy").unlink(missing_ok=True)
     features = None
-    if len(meta["target"]["shape"]) == 3:  # images: the frozen feature net of the Fréchet distance
-        from tasks.features import train_and_save
+    if net is not None:
+        from tasks.features import save
 
-        labels = make_split(load_digits()[1], p.data.test_fraction, p.seed)[0] if p.data.target == "digits" else None
-        features = train_and_save(layout, sides["target"][0], labels, p.seed)  # type: ignore[index]
+        features = save(layout, net, labels is not None)
     atomic_write_json(layout.prepared / "meta.json", meta | {"features": features})
     return {"source": meta["source"], "target": meta["target"], "features": features}

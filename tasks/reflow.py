@@ -25,7 +25,7 @@ def train_on_pairs(p: Params, layout: Layout, round_k: int, schedule: bool = Tru
     card = read_model_card(layout.model(parent))
     model = build_model(card["arch"])
     model.load_state_dict(load_state(layout.model(parent)))
-    batches = open_pairs(p, layout, round_k, seed=p.seed + round_k, dev=dev)  # local copy, else S3
+    batches = open_pairs(p, layout, round_k, seed=p.seed + round_k, dev=dev, model=parent)  # local, else S3
     man = batches.man
     inputs = {parent: model_sha(layout, parent), f"round-{round_k}": man["fingerprint"]}
     name = f"rf{round_k + 1}"

@@ -11,6 +11,7 @@ imports no orchestration.
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import os
 import sys
@@ -38,9 +39,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from rectflow.lock import LockError
     from rectflow.nets import ModelError
     from rectflow.pairs import ManifestError
+    from rectflow.preflight import WorkspaceError
     from rectflow.storage import StorageError
 
-    return (ParamsError, DataError, ModelError, ManifestError, LockError, StorageError)
+    return (ParamsError, DataError, ModelError, ManifestError, LockError, StorageError, WorkspaceError)
 
 
 def stage_params(name: str, params: Path, overrides: list[str]) -> Params:
@@ -82,11 +84,13 @@ def run_stage(name: str, params: Path, overrides: list[str], root: Path = Path("
         raise ParamsError(f"stage {name}: runs in one process, not under torchrun "
                           f"(data-parallel stages: {', '.join(DDP_STAGES)})")
     with lock, contextlib.ExitStack() as stack:
+        if not distributed:  # before any compute: the outputs can be written, the sizes fit (exit 2)
+            preflight(name, p, Path(root))
         if nproc > 1 and not distributed:  # `TRAIN.nproc` > 1: this process becomes the launcher
             return _run_under_torchrun(name, params, overrides, root, nproc)
         stack.enter_context(_process_group(cfg.dist_timeout))  # under torchrun: one process group per stage
         t0 = time.perf_counter()
-        record = module.run(p, layout, **services) if services else module.run(p, layout)
+        record = _run_module(module, name, p, layout, services)
         record = {"stage": name, "wall_seconds": round(time.perf_counter() - t0, 3)} | record
         if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
             atomic_write_json(layout.stage_metrics(name), record)
@@ -94,6 +98,58 @@ def run_stage(name: str, params: Path, overrides: list[str], root: Path = Path("
 
             clear_finished(layout)  # the stage completed: what it kept against a crash is final now
     return record
+
+
+def preflight(name: str, p: Params, root: Path) -> None:
+    """What :mod:`rectflow.preflight` checks before a stage computes: every output it writes can be
+    written (WorkspaceError), and no size key needs more memory than there is (ParamsError)."""
+    from rectflow.device import pick_device
+    from rectflow.preflight import check_memory, check_writable, stage_needs, stage_paths
+
+    check_writable(f"stage {name}", stage_paths(name, p, root), root)
+    check_memory(stage_needs(name, p, root), pick_device())
+
+
+_WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EISDIR, errno.ENOTDIR,
+                 errno.EFBIG}
+
+
+def _run_module(module: Any, name: str, p: Params, layout: Any, services: dict[str, Any]) -> dict:
+    """``module.run``, with what the machine refuses mid-run (memory, a disk that fills up or turns
+    read-only) turned into one line: exit 2 (ParamsError / WorkspaceError) when the stage had written
+    nothing yet, else exit 1 (RunFailedError; what it wrote is complete files only)."""
+    from rectflow.preflight import WorkspaceError, is_out_of_memory, output_state, stage_needs, stage_paths
+    from rectflow.errors import RunFailedError
+
+    paths = stage_paths(name, p, layout.root)
+    before = output_state(paths)
+    try:
+        return module.run(p, layout, **services) if services else module.run(p, layout)
+    except Exception as e:
+        oom = is_out_of_memory(e)
+        if not oom and not (isinstance(e, OSError) and e.errno in _WRITE_ERRNOS):
+            raise
+        detail = " ".join(str(e).split())[:200]
+        untouched = output_state(paths) == before
+        if oom:
+            sizes, seen = [], set()
+            for need in sorted(stage_needs(name, p, layout.root), key=lambda x: -x.bytes):
+                if need.key not in seen:
+                    seen.add(need.key)
+                    sizes.append(f"{need.key}={need.value}")
+            what = f" with {', '.join(sizes[:4])}; lower the one that is too large" if sizes else ""
+            message = f"stage {name}: ran out of memory ({e.__class__.__name__}: {detail}){what}"
+            if untouched:
+                raise ParamsError(message + " (nothing was written)") from None
+        else:
+            where = Path(str(e.filename)) if e.filename else None
+            if where is not None and where.is_absolute() and where.is_relative_to(Path(layout.root).absolute()):
+                where = where.relative_to(Path(layout.root).absolute())
+            message = f"{where or name}: cannot be written ({e.strerror}) by stage {name}"
+            if untouched:
+                raise WorkspaceError(message + " (nothing was written)") from None
+        raise RunFailedError(message + "; what it wrote before is kept (complete files only: every file is "
+                             "written under a temporary name and renamed)") from None
 
 
 def _configure_threads(threads: int) -> None:

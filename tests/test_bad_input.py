@@ -131,6 +131,16 @@ def parquet(ws: Path, name: str, arr: np.ndarray) -> None:
     pq.write_table(pa.table({f"x{i}": arr[:, i] for i in range(arr.shape[1])}), ws / "inputs" / name)
 
 
+def parquet_nulls(ws: Path, name: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (ws / "inputs").mkdir(exist_ok=True)
+    x = rng_rows(100, 2)
+    col = pa.array([None if i == 17 else float(v) for i, v in enumerate(x[:, 1])], type=pa.float64())
+    pq.write_table(pa.table({"x0": x[:, 0], "x1": col}), ws / "inputs" / name)
+
+
 def fake_pickle_weights(ws: Path) -> None:
     """A pickle where the weights should be, card updated to match it: must be refused, unread."""
 
@@ -150,6 +160,70 @@ def storage_wired() -> bool:
     return any("storage" in p.read_text() and "make_store" in p.read_text() for p in (ROOT / "tasks").glob("*.py"))
 
 
+def nonfinite_weights(value: float, name: str = "rf1") -> Callable[[Path], None]:
+    """A NaN/inf planted in the first tensor of models/NAME, the card's sha256 updated to match
+    (so only the values are wrong: the file is intact, readable safetensors)."""
+
+    def setup(ws: Path) -> None:
+        from safetensors.numpy import load_file, save_file
+
+        path = ws / "models" / f"{name}.safetensors"
+        state = load_file(path)
+        key = sorted(state)[0]
+        state[key] = state[key].copy()
+        state[key].reshape(-1)[3] = value
+        save_file(state, path)
+        edit_json(ws, f"models/{name}.json",
+                  lambda c: c["meta"].update(sha256=hashlib.sha256(path.read_bytes()).hexdigest()))
+
+    return setup
+
+
+def edit_manifest(fn: Callable[[dict], None], k: int = 1) -> Callable[[Path], None]:
+    return lambda ws: edit_json(ws, f"data/couplings/round-{k}/manifest.json", fn)
+
+
+def _unwritable(path: Path, on: bool) -> None:
+    """Make a folder unwritable (root ignores permissions, not the immutable attribute), or undo it."""
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i" if on else "-i", str(path)], check=True, capture_output=True)
+    else:
+        path.chmod(0o555 if on else 0o755)
+
+
+def _can_make_unwritable() -> bool:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            _unwritable(Path(d), True)
+        except (OSError, subprocess.CalledProcessError):
+            return False
+        try:
+            (Path(d) / "probe").touch()
+            ok = False
+        except OSError:
+            ok = True
+        _unwritable(Path(d), False)
+        return ok
+
+
+UNWRITABLE = () if _can_make_unwritable() else (pytest.mark.skip(reason="cannot make a folder unwritable here"),)
+
+
+def unwritable(rel: str, remove: tuple[str, ...] = ()) -> tuple[Callable[[Path], None], Callable[[Path], None]]:
+    """(setup, teardown): ``remove`` those paths, then make folder ``rel`` unwritable; undo it after."""
+
+    def setup(ws: Path) -> None:
+        for r in remove:
+            p = ws / r
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        (ws / rel).mkdir(parents=True, exist_ok=True)
+        _unwritable(ws / rel, True)
+
+    return setup, lambda ws: _unwritable(ws / rel, False)
+
+
 @dataclass
 class Case:
     id: str
@@ -159,6 +233,7 @@ class Case:
     setup: Callable[[Path], None] | None = None
     env: dict[str, str] = field(default_factory=dict)
     marks: tuple = ()
+    teardown: Callable[[Path], None] | None = None  # after the run and the snapshot (undo chattr +i)
 
 
 FILE = ["data.target=file", "data.target_path=inputs/x.npy"]
@@ -227,6 +302,22 @@ CASES = [
          setup=lambda ws: write(ws, "inputs/garbage.npy", "this is not an array\n" * 20)),
     Case("data-file-pickled-npy", ["stage", "prepare", *sets(target("obj.npy"))], ["obj.npy", "never loaded"],
          setup=lambda ws: save_npy(ws, "obj.npy", np.array([{"a": 1}, {"b": 2}], dtype=object))),
+    Case("data-file-float64-too-large", ["stage", "prepare", *sets(target("big.npy"))],
+         ["big.npy", "too large for float32", "row 17"],
+         setup=lambda ws: save_npy(ws, "big.npy", with_nan(rng_rows(500, 2).astype(np.float64), 1e300))),
+    Case("data-file-npz-float64-too-large", ["stage", "prepare", *sets(target("big.npz"))],
+         ["big.npz", "too large for float32"],
+         setup=lambda ws: (ws / "inputs").mkdir() or np.savez(ws / "inputs" / "big.npz",
+                                                             x=with_nan(rng_rows(50, 3).astype(np.float64), -1e39))),
+    Case("data-file-parquet-null", ["stage", "prepare", *sets(target("null.parquet"))], ["null.parquet", "null", "row 17"],
+         setup=lambda ws: parquet_nulls(ws, "null.parquet")),
+    Case("data-file-one-row", ["stage", "prepare", *sets(target("one.npy"))], ["one.npy", "too few"],
+         setup=lambda ws: save_npy(ws, "one.npy", rng_rows(1, 2))),
+    Case("data-file-images-all-identical", ["stage", "prepare", *sets(target("same.npy"))], ["same.npy", "distinct"],
+         setup=lambda ws: save_npy(ws, "same.npy", np.ones((40, 1, 4, 4), np.float32))),
+    Case("data-noise-overflow", ["stage", "prepare", "--set", "data.noise=1e39"], ["data.noise", "overflow float32"]),
+    Case("data-noise-overflow-circles", ["stage", "prepare", "--set", "data.target=circles", "--set", "data.noise=1e300"],
+         ["data.noise", "circles", "overflow float32"]),
     Case("source-target-dimension-differ", ["stage", "prepare", "--set", "data.source=file",
                                             "--set", "data.source_path=inputs/three.npy"], ["data.source", "dimension"],
          setup=lambda ws: save_npy(ws, "three.npy", rng_rows(500, 3))),
@@ -254,6 +345,76 @@ CASES = [
          setup=lambda ws: write(ws, "data/couplings/round-1/manifest.json", "{not json")),
     Case("manifest-missing", ["stage", "reflow"], ["round-1/manifest.json", "missing", "couple"], base="coupled",
          setup=lambda ws: (ws / "data/couplings/round-1/manifest.json").unlink()),
+    Case("manifest-fewer-shards", ["stage", "reflow"], ["round-1/manifest.json", "n_pairs is 1200"], base="coupled",
+         setup=edit_manifest(lambda m: m.update(shards=m["shards"][:1]))),
+    Case("manifest-n-pairs-edited", ["stage", "reflow"], ["round-1/manifest.json", "n_pairs is 5000"], base="coupled",
+         setup=edit_manifest(lambda m: m.update(n_pairs=5000))),
+    Case("manifest-shape-disagrees-with-shards", ["stage", "reflow"], ["shard-00000.parquet", "dimension 2", "[3]"],
+         base="coupled", setup=edit_manifest(lambda m: m.update(shape=[3], dim=3))),
+    Case("manifest-shape-not-the-models", ["stage", "reflow"], ["round-1/manifest.json", "[1, 2]", "models/rf1"],
+         base="coupled", setup=edit_manifest(lambda m: m.update(shape=[1, 2]))),
+    Case("manifest-dim-disagrees", ["stage", "reflow"], ["round-1/manifest.json", "dim"], base="coupled",
+         setup=edit_manifest(lambda m: m.update(dim=5))),
+    Case("manifest-rows-edited", ["stage", "reflow"], ["round-1/manifest.json", "400-row shards"], base="coupled",
+         setup=edit_manifest(lambda m: (m["shards"][0].update(rows=500), m.update(n_pairs=1300)))),
+    Case("model-weights-nan", ["stage", "couple"], ["rf1.safetensors", "NaN or infinite"], base="coupled",
+         setup=nonfinite_weights(float("nan"))),
+    Case("model-weights-inf-reflow", ["stage", "reflow"], ["rf1.safetensors", "NaN or infinite"], base="coupled",
+         setup=nonfinite_weights(float("inf"))),
+    Case("sample-model-weights-nan", ["sample", "--model", "models/rf1", "--out", "s.parquet"],
+         ["rf1.safetensors", "NaN or infinite"], base="coupled", setup=nonfinite_weights(float("-inf"))),
+    # -- sizes that pass the schema but cannot be allocated, and counts beyond int64 ----------------
+    Case("oversized-batch", ["stage", "pretrain", "--set", "pretrain.batch_size=100000000000"],
+         ["pretrain.batch_size", "memory"], base="coupled"),
+    Case("oversized-couple-batch", ["stage", "couple", "--set", "couple.batch_size=100000000000", "--set",
+                                    "couple.shard_size=100000000000", "--set", "couple.n_pairs=100000000000"],
+         ["couple.", "memory"], base="coupled"),
+    Case("oversized-network", ["stage", "pretrain", "--set", "model.hidden=3000000"], ["model.hidden", "memory"],
+         base="coupled"),
+    Case("oversized-evaluation", ["stage", "evaluate", "--set", "evaluate.n_samples=100000000"],
+         ["evaluate.n_samples", "memory"], base="coupled"),
+    Case("oversized-boss-grid", ["stage", "pretrain", "--set", "bellman.grid_points=100000000"],
+         ["bellman.grid_points", "memory"], base="coupled"),
+    Case("oversized-generated-set", ["stage", "prepare", "--set", "data.n_train=1000000000000"],
+         ["data.n_train", "memory"]),
+    Case("count-beyond-int64", ["stage", "couple", "--set", "couple.steps=99999999999999999999"],
+         ["couple.steps", "less than or equal to 9223372036854775807"]),
+    # -- the workspace: outputs that cannot be written are found before anything is computed -------
+    Case("workspace-unwritable-round", ["stage", "couple"], ["data/couplings", "not writable", "round-1"],
+         base="coupled", marks=UNWRITABLE,
+         **dict(zip(("setup", "teardown"), unwritable("data/couplings", ("data/couplings/round-1", "metrics/couple.json"))))),
+    Case("workspace-unwritable-models", ["stage", "pretrain"], ["models", "not writable", "rf1.safetensors"],
+         base="coupled", marks=UNWRITABLE, **dict(zip(("setup", "teardown"), unwritable("models")))),
+    Case("workspace-unwritable-checkpoints", ["stage", "reflow"], [".rectflow/checkpoints", "not writable"],
+         base="coupled", marks=UNWRITABLE, **dict(zip(("setup", "teardown"), unwritable(".rectflow/checkpoints")))),
+    Case("workspace-unwritable-lock", ["stage", "prepare"], [".rectflow", "workspace lock"],
+         marks=UNWRITABLE, **dict(zip(("setup", "teardown"), unwritable(".")))),
+    Case("run-workspace-unwritable", ["run"], ["models", "not writable", "rectflow run"], marks=UNWRITABLE,
+         **dict(zip(("setup", "teardown"), unwritable("models")))),
+    Case("workspace-file-in-the-way", ["stage", "prepare"], ["data", "is a file"],
+         setup=lambda ws: write(ws, "data", "not a folder\n")),
+    # -- rectflow run: a dvc.lock DVC could not read is refused before Prefect starts ------------------
+    Case("dvc-lock-not-yaml", ["run"], ["dvc.lock", "not valid YAML at line 4"],
+         setup=lambda ws: write(ws, "dvc.lock", 'schema: "2.0"\nstages:\n  prepare: [\n')),
+    Case("dvc-lock-not-utf8", ["run"], ["dvc.lock", "UTF-8"], setup=lambda ws: write(ws, "dvc.lock", b"\xff\xfe\x00x")),
+    Case("dvc-lock-wrong-schema", ["run"], ["dvc.lock", "stages.prepare.outs"],
+         setup=lambda ws: write(ws, "dvc.lock", 'schema: "2.0"\nstages:\n  prepare:\n    cmd: x\n    outs: 7\n')),
+    # -- rectflow sample: --out and the numbers are checked before anything is computed ----------------
+    Case("sample-out-is-a-folder", ["sample", "--model", "models/rf1", "--out", "out.parquet"], ["--out", "folder"],
+         base="coupled", setup=lambda ws: (ws / "out.parquet").mkdir()),
+    Case("sample-out-under-a-file", ["sample", "--model", "models/rf1", "--out", "models/rf1.json/s.parquet"],
+         ["--out", "models/rf1.json", "is a file"], base="coupled"),
+    Case("sample-out-unwritable", ["sample", "--model", "models/rf1", "--out", "plots/s.parquet"],
+         ["--out", "plots", "not writable"], base="coupled", marks=UNWRITABLE,
+         **dict(zip(("setup", "teardown"), unwritable("plots")))),
+    Case("sample-seed-beyond-range", ["sample", "--model", "models/rf1", "--out", "s.parquet", "--seed",
+                                      "99999999999999999999"], "--seed", base="coupled"),
+    Case("sample-n-beyond-int64", ["sample", "--model", "models/rf1", "--out", "s.parquet", "--n",
+                                   "99999999999999999999"], "--n", base="coupled"),
+    Case("sample-n-beyond-memory", ["sample", "--model", "models/rf1", "--out", "s.parquet", "--n", "10000000000000"],
+         ["--n", "memory"], base="coupled"),
+    Case("sample-steps-beyond-memory", ["sample", "--model", "models/rf1", "--out", "s.parquet", "--steps",
+                                        "100000000000000"], ["--steps", "memory"], base="coupled"),
     # -- object storage (only once a stage writes through rectflow.storage) -------------------------
     Case("s3-no-credentials", ["stage", "couple", *sets(S3)], "credentials", base="coupled",
          marks=() if storage_wired() else (pytest.mark.skip(reason="no stage uses rectflow.storage yet"),)),
@@ -277,11 +438,15 @@ _RESULTS: dict[str, Outcome] = {}
 
 
 def _run_case(case: Case, ws: Path) -> Outcome:
-    if case.setup:
-        case.setup(ws)
-    before = snapshot(ws)
-    r = cli(ws, case.args, env=ENV | case.env)
-    return Outcome(r.returncode, r.stdout, r.stderr, before, snapshot(ws))
+    try:
+        if case.setup:
+            case.setup(ws)
+        before = snapshot(ws)
+        r = cli(ws, case.args, env=ENV | case.env)
+        return Outcome(r.returncode, r.stdout, r.stderr, before, snapshot(ws))
+    finally:
+        if case.teardown:
+            case.teardown(ws)
 
 
 @pytest.fixture
@@ -417,6 +582,26 @@ def test_nan_loss_mid_run_keeps_the_last_good_checkpoint(tmp_path):
         assert not list(ckpt.parent.glob(".*.tmp"))
 
 
+def test_a_diverging_flow_never_writes_non_finite_pairs(tmp_path_factory, tiny_overrides, tmp_path):
+    """Finite weights that blow up under the ODE (rf1's scaled by 1e15): couple stops at the first
+    shard with exit 1 and one line naming the flow, the shard and the solver; no NaN pair is ever
+    on disk and round 1 is not published (what is generated is checked as strictly as what is loaded)."""
+    from safetensors.numpy import load_file, save_file
+
+    ws = copy_base("coupled", tmp_path_factory, tiny_overrides, tmp_path / "ws")
+    shutil.rmtree(ws / "data" / "couplings" / "round-1")
+    path = ws / "models" / "rf1.safetensors"
+    save_file({k: v * 1e15 for k, v in load_file(path).items()}, path)
+    edit_json(ws, "models/rf1.json", lambda c: c["meta"].update(sha256=hashlib.sha256(path.read_bytes()).hexdigest()))
+    r = cli(ws, ["stage", "couple", *sets(tiny_overrides)])
+    assert r.returncode == 1, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.startswith("rectflow: error:")]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "shard-00000.parquet" in lines[0] and "NaN or infinite" in lines[0] and "couple.solver euler" in lines[0]
+    assert not (ws / "data" / "couplings" / "round-1").exists()
+    assert not list((ws / ".rectflow" / "staging").rglob("*.parquet"))
+
+
 # ---- usage errors caught by the argument parser ---------------------------------------------------
 
 @pytest.mark.parametrize("args,culprit", [
@@ -431,3 +616,120 @@ def test_usage_errors_exit_2(tmp_path, args, culprit):
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 2 and len(lines) == 1 and culprit in lines[0], r.stderr
     assert snapshot(tmp_path) == before
+
+
+# ---- a manifest that does not add up: refused downstream, repaired by couple ----------------------
+
+
+def test_truncated_manifest_is_refused_then_repaired(tmp_path_factory, tiny_overrides, tmp_path):
+    """A complete-looking manifest that lists one shard of three (400 of its own n_pairs 1200) is
+    never trained on, and couple does not reuse it: it remakes the two missing shards, byte-identical."""
+    ws = copy_base("coupled", tmp_path_factory, tiny_overrides, tmp_path / "ws")
+    round1 = ws / "data" / "couplings" / "round-1"
+    good = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in round1.iterdir()}
+    edit_manifest(lambda m: m.update(shards=m["shards"][:1]))(ws)
+    before = snapshot(ws)
+
+    r = cli(ws, ["stage", "reflow", *sets(tiny_overrides)])
+    assert r.returncode == 2 and "n_pairs is 1200" in r.stderr, r.stderr
+    assert snapshot(ws) == before
+
+    r = cli(ws, ["stage", "couple", *sets(tiny_overrides)])
+    assert r.returncode == 0, r.stderr
+    assert "fails verification" in r.stderr and "n_pairs is 1200" in r.stderr
+    rec = json.loads((ws / "metrics" / "couple.json").read_text())
+    assert rec["shards_made"] == 2 and rec["shards_reused"] == 1 and rec["n_pairs"] == 1200, rec
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in round1.iterdir()} == good
+
+
+# ---- what the machine refuses mid-run: one line, exit 2 if nothing was written, else 1 ------------
+
+
+def test_an_allocation_failure_mid_stage_is_one_line_naming_the_sizes(tmp_path_factory, tiny_overrides, tmp_path):
+    """Sizes within the preflight's lower bounds may still not fit: the allocator's own failure (a
+    real one: 32 TB asked of the CPU allocator) becomes one line naming the stage's size keys,
+    exit 2 when the stage had written nothing, exit 1 (RunFailedError) once it had."""
+    import torch
+
+    from rectflow.errors import RunFailedError
+    from rectflow.config import ParamsError
+    from rectflow.layout import Layout
+    from rectflow.params import load_params
+    from tasks.runner import _run_module
+
+    ws = copy_base("coupled", tmp_path_factory, tiny_overrides, tmp_path / "ws")
+    p = load_params(ws / "params.yaml", tiny_overrides)
+    layout = Layout(ws)
+
+    class Greedy:
+        writes_first = False
+
+        def run(self, p, layout):  # noqa: ARG002
+            if self.writes_first:
+                (ws / "models" / "rf2.json").write_text("{}")
+            torch.empty(2**42)  # 32 TB: refused at once (beyond RAM + swap)
+            return {}
+
+    try:
+        torch.empty(2**42)
+        pytest.skip("this machine's allocator does not refuse 32 TB (overcommit always)")
+    except RuntimeError:
+        pass
+    with pytest.raises(ParamsError) as e:
+        _run_module(Greedy(), "reflow", p, layout, {})
+    line = str(e.value)
+    assert "\n" not in line and "ran out of memory" in line and "reflow.batch_size=256" in line
+    assert "nothing was written" in line
+    greedy = Greedy()
+    greedy.writes_first = True
+    with pytest.raises(RunFailedError) as e:
+        _run_module(greedy, "reflow", p, layout, {})
+    assert "ran out of memory" in str(e.value) and "kept" in str(e.value)
+
+
+def test_a_write_refused_mid_stage_is_one_line_naming_the_file(tmp_path_factory, tiny_overrides, tmp_path):
+    """A folder that turns unwritable after the preflight (or a disk that fills up): the OSError
+    becomes one line naming the file (exit 2: nothing was written)."""
+    if UNWRITABLE:
+        pytest.skip("cannot make a folder unwritable here")
+    from rectflow.io import atomic_write_json
+    from rectflow.layout import Layout
+    from rectflow.params import load_params
+    from rectflow.preflight import WorkspaceError
+    from tasks.runner import _run_module
+
+    ws = copy_base("coupled", tmp_path_factory, tiny_overrides, tmp_path / "ws")
+    p = load_params(ws / "params.yaml", tiny_overrides)
+
+    class Late:
+        def run(self, p, layout):  # noqa: ARG002
+            _unwritable(ws / "models", True)
+            atomic_write_json(ws / "models" / "rf2.json", {})
+            return {}
+
+    try:
+        with pytest.raises(WorkspaceError) as e:
+            _run_module(Late(), "reflow", p, Layout(ws), {})
+    finally:
+        _unwritable(ws / "models", False)
+    assert "models" in str(e.value) and "cannot be written" in str(e.value) and "\n" not in str(e.value)
+
+
+# ---- rectflow run: a dvc.lock DVC refuses mid-flow is one line, never retried -----------------------
+
+
+def test_run_with_a_dvc_lock_dvc_refuses_is_one_line_and_not_retried(tmp_path):
+    """A dvc.lock that passes rectflow's own check but not DVC's (an md5 that is a number): the flow's
+    first stage refuses it, and ``rectflow run`` ends with that one line, exit 2, no traceback (in
+    quiet mode Prefect's records of the refusal stay off the console), and DVC is run once, not retried."""
+    from tests.workspace import clone_workspace, rectflow
+
+    ws = clone_workspace(tmp_path / "ws")
+    (ws / "dvc.lock").write_text('schema: "2.0"\nstages:\n  prepare:\n    cmd: rectflow stage prepare\n'
+                                 "    outs: [{path: x, md5: 3}]\n")
+    r = rectflow("run", cwd=ws, timeout=300, RECTFLOW_THREADS="1")
+    assert r.returncode == 2, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("rectflow: error:")]
+    assert len(errors) == 1 and "dvc.lock" in errors[0] and "DVC cannot read it" in errors[0], r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "Retries" not in r.stderr
+    assert r.stderr.count("validation failed") == 2  # DVC's own line and ours: one attempt

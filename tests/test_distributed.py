@@ -98,7 +98,7 @@ def test_pair_stream_ranks_split_each_global_batch(tmp_path: Path) -> None:
 
     for e in entries:
         e |= {"sha256": file_sha256(tmp_path / e["name"]), "bytes": (tmp_path / e["name"]).stat().st_size}
-    atomic_write_json(tmp_path / "manifest.json", {"shape": [2], "complete": True, "shards": entries})
+    atomic_write_json(tmp_path / "manifest.json", {"shape": [2], "complete": True, "shards": entries, "n_pairs": 150})
 
     solo = PairStream(tmp_path, seed=3, buffer_shards=2)
     ranks = [PairStream(tmp_path, seed=3, buffer_shards=2, rank=r, world=2) for r in (0, 1)]
