@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--work-dir", type=Path, default=None, metavar="DIR",
                     help="keep the cells (and, without --workspace, the workspace) here; a rerun reuses them")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
-    ap.add_argument("--steps", type=int, default=None, help="reflow steps of every cell (default: the digits budget)")
+    ap.add_argument("--steps", type=int, default=None, help="reflow steps of every cell (default: the images profile's)")
     ap.add_argument("--seeds", nargs="+", type=int, default=None, help="reflow seeds (default: 0 1)")
     ap.add_argument("--time-dists", nargs="+", choices=("uniform", "logit_normal", "u_shaped"), default=None)
     ap.add_argument("--losses", nargs="+", choices=LOSSES, default=None)

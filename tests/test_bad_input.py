@@ -262,8 +262,8 @@ CASES = [
     Case("out-of-range-fraction", ["stage", "prepare", "--set", "data.test_fraction=1.5"], "data.test_fraction"),
     Case("out-of-range-ema", ["stage", "pretrain", "--set", "pretrain.ema=2"], "pretrain.ema"),
     Case("unknown-lr-schedule", ["stage", "reflow", "--set", "reflow.lr_schedule=linear"], ["reflow.lr_schedule", "linear"]),
-    # images: checks on the budgeted values stop every stage, not only the one that would hit them
-    Case("images-budget-beyond-boss-grid", ["stage", "prepare", "--set", "data.target=digits", "--set",
+    # images: checks on the values the images profile brings stop every stage, not only the one that would hit them
+    Case("images-profile-beyond-boss-grid", ["stage", "prepare", "--set", "data.target=digits", "--set",
                                             "bellman.grid_points=10"], ["couple.reflowed", "images profile"]),
     Case("inception-file-missing", ["stage", "prepare", "--set", "data.target=digits", "--set",
                                     "evaluate.inception=inputs/inception-2015-12-05.pt"],

@@ -132,7 +132,7 @@ TINY_DIGITS = [
     "data.target=digits", "model.channels=8", "model.channel_mult=[1, 2]", "model.attention=true",
     "pretrain.steps=30", "pretrain.batch_size=32", "pretrain.log_every=10", "pretrain.checkpoint_every=10",
     "couple.n_pairs=192", "couple.shard_size=96", "couple.batch_size=96", "couple.solver=euler", "couple.steps=4",
-    "couple.reflowed.n_pairs=288", "couple.reflowed.steps=3",  # bf16 and bellman from the images budget
+    "couple.reflowed.n_pairs=288", "couple.reflowed.steps=3",  # bf16 and bellman from the images profile
     "reflow.steps=20", "reflow.batch_size=32", "reflow.log_every=10", "reflow.checkpoint_every=10",
     "distill.steps=20", "distill.batch_size=32", "distill.log_every=10", "distill.checkpoint_every=10",
     "bellman.n_samples=16", "bellman.grid_points=10", "evaluate.n_samples=100", "evaluate.latency_batch=16",
