@@ -52,3 +52,22 @@ def save(layout: Layout, net: FeatureNet, labelled: bool) -> dict[str, Any]:
     return {"path": str(weights.relative_to(layout.root)), "sha256": file_sha256(weights),
             "trained_on": "labels" if labelled else "k-means clusters"}
 
+
+def fd_scorer(p: Params, layout: Layout, dev: torch.device) -> Callable[[torch.Tensor], dict[str, Any]] | None:
+    """A function ``samples (n, c, h, w) -> {"fd", "fd_net_sha256", "precision", "recall"}``."""
+    stem = layout.prepared / FEATURES
+    if not stem.with_suffix(".safetensors").is_file():
+        return None
+    net = load_feature_net(stem)
+    sha = file_sha256(stem.with_suffix(".safetensors"))
+    ref = load_prepared(layout.prepared, "target", "train").data
+    assert ref is not None
+    ref_feats = extract_features(net, ref.numpy())
+
+    def score(x: torch.Tensor) -> dict[str, Any]:
+        feats = extract_features(net, x.detach().float().cpu().numpy())
+        pr = precision_recall(feats, ref_feats)
+        return {"fd": frechet_distance(feats, ref_feats), "fd_net_sha256": sha,
+                "precision": pr.precision, "recall": pr.recall}
+
+    return score
