@@ -181,6 +181,7 @@ def sample(
 
 
 def _sample(model: str, out: Path, n: int, steps: int, solver: str, seed: int, schedule: str = "uniform") -> None:
+    import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
@@ -227,9 +228,18 @@ def _sample(model: str, out: Path, n: int, steps: int, solver: str, seed: int, s
         times = schedule_times(stem, steps, card.get("meta", {}).get("sha256"))
     shape = tuple(card["arch"]["shape"])
     z0 = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed)).to(dev)
+    from rectflow.errors import RunFailedError
+
     with torch.inference_mode():
-        sol = solve(net, z0, solver, steps, times=times)
+        try:
+            sol = solve(net, z0, solver, steps, times=times)
+        except RunFailedError as e:
+            raise RunFailedError(f"--model {model}: {e}; nothing was written") from None
     x = sol.x.float().cpu().numpy().reshape(n, -1)
+    if not np.isfinite(x).all():  # never a NaN sample on disk
+        bad = int((~np.isfinite(x)).any(1).sum())
+        raise RunFailedError(f"--model {model}: {bad} of {n} samples came out NaN or infinite with --solver {solver}, "
+                             f"--steps {steps}: the model diverges; nothing was written")
     grid = "adaptive" if solver == "rk45" else schedule
     meta = {"model": model, "shape": list(shape), "solver": solver, "schedule": grid, "nfe": sol.nfe, "seed": seed}
     if times is not None:

@@ -120,7 +120,13 @@ def solve(
             return counted(z, t.expand(b))
 
         # dopri5 is FSAL: odeint makes exactly the evaluations counted here (plus its initial-step probe).
-        zs = odeint(f, z0, grid, rtol=rtol, atol=atol, method="dopri5")
+        try:
+            zs = odeint(f, z0, grid, rtol=rtol, atol=atol, method="dopri5")
+        except AssertionError as e:  # torchdiffeq's "underflow in dt": a NaN/inf or exploding velocity
+            from rectflow.errors import RunFailedError
+
+            raise RunFailedError(f"rk45: the step size underflowed ({' '.join(str(e).split())[:100]}): the velocity "
+                                 f"field is NaN, infinite or explodes at rtol {rtol:g}, atol {atol:g}") from None
         return Solution(zs[-1], counted.n, zs if trajectory else None, grid if trajectory else None)
     if times is None:
         if steps is None:

@@ -30,6 +30,7 @@ from torch import nn
 
 from rectflow.config import CoupleParams, Params
 from rectflow.data import Distribution, load_prepared
+from rectflow.errors import RunFailedError
 from rectflow.io import atomic_write_json, file_sha256, read_json
 from rectflow.layout import Layout
 from rectflow.pairs import MANIFEST, ManifestError, check_manifest, shard_name, shard_rows, write_shard
@@ -184,11 +185,13 @@ def generate_shard(
     """Shard ``index``: z0 ``(rows, *shape)`` from its own seed and z1 = ODE(z0) on ``times`` (see
     :func:`solve_pairs`); returns (z0, z1, NFE)."""
     z0 = sample_source(source, rows, shard_seed(p.seed, round_k, index), shape)
-    z1, nfe = solve_pairs(model, z0, p, dev, times)
+    try:
+        z1, nfe = solve_pairs(model, z0, p, dev, times)
+    except RunFailedError as e:
+        raise RunFailedError(f"rf{round_k}: {shard_name(index)} of round {round_k}: {e}; nothing of it was written "
+                             "(retrain the flow, or use another solver)") from None
     bad = ~torch.isfinite(z1.reshape(rows, -1)).all(1)
     if bad.any():  # what is generated is checked as strictly as what is loaded: never a NaN pair on disk
-        from rectflow.errors import RunFailedError
-
         c = p.couple
         how = f"{c.solver}, {c.steps} steps" if c.solver != "rk45" else f"rk45, rtol {c.rtol:g}"
         raise RunFailedError(f"rf{round_k}: {shard_name(index)} of round {round_k} came out NaN or infinite in "

@@ -24,6 +24,7 @@ from torch import nn
 from rectflow import metrics
 from rectflow.config import GridEntry, Params
 from rectflow.data import load_prepared
+from rectflow.errors import RunFailedError
 from rectflow.io import atomic_path, atomic_write_json
 from rectflow.layout import Layout
 from rectflow.nets import build_model, count_params
@@ -119,8 +120,16 @@ def run(p: Params, layout: Layout) -> dict:
             assert steps is not None
             times = schedule_times(layout.model(name), steps, card["meta"].get("sha256"))
         with torch.inference_mode():
-            sol = solve(model, z0, solver, steps, times=times, rtol=e.rtol, atol=e.atol)
+            try:
+                sol = solve(model, z0, solver, steps, times=times, rtol=e.rtol, atol=e.atol)
+            except RunFailedError as err:
+                raise RunFailedError(f"evaluate: {name} with {solver}: {err}") from None
             x = sol.x.float()
+            bad = int((~torch.isfinite(x.reshape(len(x), -1)).all(1)).sum())
+            if bad:  # never a NaN in metrics/eval.json: the row would be meaningless (and not JSON)
+                raise RunFailedError(f"evaluate: {name} with {solver}{'' if steps is None else f', {steps} steps'} "
+                                     f"made {bad} of {len(x)} samples NaN or infinite: models/{name} diverges "
+                                     "(retrain it)")
             if role == "flow" and name not in straight:
                 straight[name] = metrics.straightness(model, z0, e.straightness_steps)
             lat = metrics.latency_ms(

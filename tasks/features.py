@@ -53,7 +53,6 @@ def save(layout: Layout, net: FeatureNet, labelled: bool) -> dict[str, Any]:
             "trained_on": "labels" if labelled else "k-means clusters"}
 
 
-
 def fd_scorer(p: Params, layout: Layout, dev: torch.device) -> Callable[[torch.Tensor], dict[str, Any]] | None:
     """A function ``samples (n, c, h, w) -> {"fd", "fd_net_sha256", "precision", "recall"}``."""
     stem = layout.prepared / FEATURES

@@ -118,8 +118,8 @@ def _run_module(module: Any, name: str, p: Params, layout: Any, services: dict[s
     """``module.run``, with what the machine refuses mid-run (memory, a disk that fills up or turns
     read-only) turned into one line: exit 2 (ParamsError / WorkspaceError) when the stage had written
     nothing yet, else exit 1 (RunFailedError; what it wrote is complete files only)."""
-    from rectflow.preflight import WorkspaceError, is_out_of_memory, output_state, stage_needs, stage_paths
     from rectflow.errors import RunFailedError
+    from rectflow.preflight import WorkspaceError, is_out_of_memory, output_state, stage_needs, stage_paths
 
     paths = stage_paths(name, p, layout.root)
     before = output_state(paths)

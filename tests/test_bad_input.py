@@ -585,14 +585,24 @@ def test_nan_loss_mid_run_keeps_the_last_good_checkpoint(tmp_path):
 def test_a_diverging_flow_never_writes_non_finite_pairs(tmp_path_factory, tiny_overrides, tmp_path):
     """Finite weights that blow up under the ODE (rf1's scaled by 1e15): couple stops at the first
     shard with exit 1 and one line naming the flow, the shard and the solver; no NaN pair is ever
-    on disk and round 1 is not published (what is generated is checked as strictly as what is loaded)."""
+    on disk and round 1 is not published (what is generated is checked as strictly as what is loaded).
+    ``rectflow sample`` writes no NaN sample either (Euler: the samples are checked; RK45: its step
+    size underflows, one line too), and evaluate writes no NaN row: exit 1 naming the model."""
     from safetensors.numpy import load_file, save_file
 
     ws = copy_base("coupled", tmp_path_factory, tiny_overrides, tmp_path / "ws")
-    shutil.rmtree(ws / "data" / "couplings" / "round-1")
+    for stage in ("reflow", "distill", "quantize"):  # every model evaluate needs
+        assert cli(ws, ["stage", stage, *sets(tiny_overrides)]).returncode == 0
     path = ws / "models" / "rf1.safetensors"
     save_file({k: v * 1e15 for k, v in load_file(path).items()}, path)
     edit_json(ws, "models/rf1.json", lambda c: c["meta"].update(sha256=hashlib.sha256(path.read_bytes()).hexdigest()))
+    r = cli(ws, ["stage", "evaluate", *sets(tiny_overrides)])
+    lines = [line for line in r.stderr.splitlines() if line.startswith("rectflow: error:")]
+    assert r.returncode == 1 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "evaluate: rf1 with euler, 1 steps made 300 of 300 samples NaN or infinite" in lines[0]
+    assert not (ws / "metrics" / "eval.json").exists()
+
+    shutil.rmtree(ws / "data" / "couplings" / "round-1")
     r = cli(ws, ["stage", "couple", *sets(tiny_overrides)])
     assert r.returncode == 1, r.stderr
     lines = [line for line in r.stderr.splitlines() if line.startswith("rectflow: error:")]
@@ -600,6 +610,11 @@ def test_a_diverging_flow_never_writes_non_finite_pairs(tmp_path_factory, tiny_o
     assert "shard-00000.parquet" in lines[0] and "NaN or infinite" in lines[0] and "couple.solver euler" in lines[0]
     assert not (ws / "data" / "couplings" / "round-1").exists()
     assert not list((ws / ".rectflow" / "staging").rglob("*.parquet"))
+    for solver, words in (("euler", "came out NaN or infinite"), ("rk45", "step size underflowed")):
+        r = cli(ws, ["sample", "--model", "models/rf1", "--out", "s.parquet", "--solver", solver])
+        lines = [line for line in r.stderr.splitlines() if line.strip()]
+        assert r.returncode == 1 and len(lines) == 1 and words in lines[0], r.stderr
+        assert not (ws / "s.parquet").exists()
 
 
 # ---- usage errors caught by the argument parser ---------------------------------------------------
