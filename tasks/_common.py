@@ -230,15 +230,6 @@ def model_sha(layout: Layout, name: str) -> str:
     return read_model_card(layout.model(name))["meta"]["sha256"]
 
 
-def flows_present(layout: Layout) -> list[str]:
-    """rf1, rf2, … that exist on disk, in order."""
-    out, k = [], 1
-    while layout.model(f"rf{k}").with_suffix(".json").is_file():
-        out.append(f"rf{k}")
-        k += 1
-    return out
-
-
 def rank_world() -> tuple[int, int]:
     """(rank, world size) under torchrun, (0, 1) otherwise."""
     import torch.distributed as dist
