@@ -28,9 +28,20 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override KEY
 
 
 def fail(message: str, code: int = 2) -> None:
+    """One line ``rectflow: error: MESSAGE`` on stderr, then exit ``code`` (2 bad input, 1 failed).
+    Under the flow the status and line are also written to the file ``RECTFLOW_STAGE_OUTCOME``
+    names, so that ``rectflow run`` exits as the stage did (DVC's exit status says only 'failed')."""
     from rectflow.secrets import redact_text
 
-    print(f"rectflow: error: {redact_text(message)}", file=sys.stderr, flush=True)
+    line = redact_text(message)
+    print(f"rectflow: error: {line}", file=sys.stderr, flush=True)
+    from tasks.runner import OUTCOME_ENV
+
+    if os.environ.get(OUTCOME_ENV):
+        from rectflow.io import atomic_write_json
+
+        with contextlib.suppress(OSError):  # the line above is the report; this is for the flow
+            atomic_write_json(os.environ[OUTCOME_ENV], {"code": code, "message": line})
     raise typer.Exit(code)
 
 
@@ -117,6 +128,9 @@ def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
 
     if not verbose:
         _quiet_refusals()
+        from mlflow.utils.logging_utils import disable_logging
+
+        disable_logging()  # MLflow's event lines ("Successfully registered model …"): the run's summary says it
     _guard(run_cli, params, set_ or [], starting, verbose)
 
 
@@ -131,7 +145,14 @@ def _quiet_refusals() -> None:
     from tasks.runner import StageFailedError, user_errors
 
     known = (*user_errors(), RunFailedError, StageFailedError)
-    names = tuple(c.__name__ for c in known) + ("StageInputError", "DvcFileError")  # subclasses, by name
+
+    def names() -> set[str]:  # the classes and every subclass imported by now, by name
+        out, todo = set(), list(known)
+        while todo:
+            c = todo.pop()
+            out.add(c.__name__)
+            todo += c.__subclasses__()
+        return out
 
     class _Refusal(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
@@ -144,7 +165,7 @@ def _quiet_refusals() -> None:
                 text = record.getMessage()
             except Exception:
                 return True
-            return not any(f"{n}(" in text or f"{n}:" in text for n in names)
+            return not any(f"{n}(" in text or f"{n}:" in text for n in names())
 
     loggers = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith("prefect")]
     for logger in [logging.root, *loggers]:  # Prefect's console handler is the root logger's
@@ -216,8 +237,9 @@ def _sample(model: str, out: Path, n: int, steps: int, solver: str, seed: int, s
         stem = Path(model)
         if stem.suffix in (".safetensors", ".json"):
             stem = stem.with_suffix("")
-    if not stem.with_suffix(".json").is_file():
-        raise ModelError(f"--model: {stem.with_suffix('.json')} not found")
+    from rectflow.io import require_file
+
+    require_file(stem.with_suffix(".json"), ModelError, f"--model: {stem.with_suffix('.json')} not found")
     dev = pick_device()
     net, card = load_model(stem, dev)
     check_memory(sample_needs(card["arch"], n, steps, solver), dev)  # ParamsError naming --n or --steps
@@ -314,6 +336,14 @@ def _guard_secrets() -> None:
 def main() -> None:
     """Entry point: exit 0 on success, 2 with one line on bad input, 1 on a failed run."""
     _guard_secrets()
+    from rectflow.config import ParamsError
+    from rectflow.settings import settings
+
+    try:  # the RECTFLOW_* settings, once, before any command reads one
+        settings()
+    except ParamsError as e:
+        print(f"rectflow: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     try:
         rc = app(standalone_mode=False)
     except typer.Exit as e:

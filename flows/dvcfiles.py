@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from rectflow.config import ParamsError
+from rectflow.io import file_kind, require_file
 
 __all__ = ["LOCK_FIX", "DvcFileError", "check_dvc_lock", "dvc_file_refused"]
 
@@ -32,8 +33,9 @@ def check_dvc_lock(root: Path) -> None:
     from ruamel.yaml.error import YAMLError
 
     path = Path(root) / "dvc.lock"
-    if not path.exists():
+    if file_kind(path) == "missing":
         return
+    require_file(path, DvcFileError, "")
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError:

@@ -128,9 +128,45 @@ def dvc_repro(root: Path, stage: str, verbose: bool = False) -> bool:
     DVC decides whether the stage runs, restores it from its run cache where it can, removes the
     stale outputs, and afterwards hashes, caches and locks the outputs, exactly as ``dvc repro``.
     Its output is passed through line by line (less DVC's git hints unless ``verbose``); a stage
-    that failed on bad input (its ``rectflow: error: …`` line, exit 2) raises :class:`StageInputError`
-    with that line, anything else a StageFailedError (exit 1, retried once) naming the stage and DVC's status.
+    that failed on bad input (exit 2) raises :class:`StageInputError` with its one line, one that
+    failed while working (exit 1: a NaN loss, diverging pairs) a :class:`RunFailedError` with its
+    line (neither is retried): the stage reports its status through the file ``OUTCOME_ENV`` names,
+    as DVC's own status is 1 for both. A stage that died without a word (killed, a crash) or a DVC
+    failure is a StageFailedError (exit 1, retried once) naming the stage and DVC's status.
     """
+    import subprocess
+    import tempfile
+
+    from rectflow.errors import RunFailedError
+    from tasks.runner import OUTCOME_ENV, StageFailedError
+
+    with tempfile.TemporaryDirectory(prefix="rectflow-outcome-") as tmp:
+        outcome = Path(tmp) / "outcome.json"
+        ran, returncode, errors = _dvc_repro(root, stage, verbose, {**os.environ, OUTCOME_ENV: str(outcome)})
+        told = _read_outcome(outcome) if returncode != 0 else None
+    if returncode != 0:
+        if told is not None:
+            code, line = told
+            raise (StageInputError if code == 2 else RunFailedError)(line)
+        if errors:  # DVC refused dvc.lock / dvc.yaml before the stage ran
+            raise StageInputError(errors[-1])
+        raise StageFailedError(f"stage {stage}: `dvc repro --single-item {stage}` exited with status "
+                               f"{returncode} (its error is above)")
+    return ran
+
+
+def _read_outcome(path: Path) -> tuple[int, str] | None:
+    """The (status, line) a failing stage wrote, or None if it wrote none (or not a valid one)."""
+    try:
+        doc = json.loads(path.read_text())
+        code, line = int(doc["code"]), str(doc["message"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return (code, line) if code in (1, 2) else None
+
+
+def _dvc_repro(root: Path, stage: str, verbose: bool, env: dict[str, str]) -> tuple[bool, int, list[str]]:
+    """Run DVC for one stage; (whether it ran the stage, DVC's exit status, DVC's refusals of its files)."""
     import subprocess
 
     cmd = [str(Path(sys.executable).with_name("dvc")), "repro", "--single-item", stage]
@@ -140,30 +176,21 @@ def dvc_repro(root: Path, stage: str, verbose: bool = False) -> bool:
 
     # under the guard: DVC, the stage and whatever it starts end with this process, even on kill -9
     proc = subprocess.Popen(guarded(cmd), cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            stdin=subprocess.DEVNULL, bufsize=1)
+                            stdin=subprocess.DEVNULL, bufsize=1, env=env)
     ran, errors = False, []
     assert proc.stdout is not None
     with proc:
         for line in proc.stdout:
             if line.startswith(("Running stage ", f"Stage '{stage}' is cached")):
                 ran = ran or line.startswith("Running stage ")
-            if line.startswith("rectflow: error: "):
-                errors.append(line[len("rectflow: error: "):].strip())
-            elif dvc_file_refused(line):  # DVC cannot read dvc.lock / dvc.yaml: bad input, not transient
+            if dvc_file_refused(line):  # DVC cannot read dvc.lock / dvc.yaml: bad input, not transient
                 errors.append(f"{dvc_file_refused(line)}: DVC cannot read it ({' '.join(line.split())[:200]}); "
                               + (LOCK_FIX if dvc_file_refused(line) == "dvc.lock" else
                                  "regenerate it with `rectflow dvc-yaml`"))
             if verbose or not _quiet_line(line):
                 sys.stderr.write(line)
                 sys.stderr.flush()
-    if proc.returncode != 0:
-        if errors:
-            raise StageInputError(errors[-1])
-        from tasks.runner import StageFailedError
-
-        raise StageFailedError(f"stage {stage}: `dvc repro --single-item {stage}` exited with status "
-                               f"{proc.returncode} (its error is above)")
-    return ran
+    return ran, proc.returncode, errors
 
 
 def _not_user_error(task, task_run, state) -> bool:  # type: ignore[no-untyped-def]

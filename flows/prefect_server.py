@@ -56,7 +56,9 @@ def prestart() -> threading.Thread | None:
     cmd = [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
            "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
            "--log-level", "error", "--lifespan", "on"]
-    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+    # no telemetry: nothing may reach the internet (it would print "Failed to send telemetry" offline)
+    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
     server = subprocess.Popen(guarded(cmd), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     os.environ["PREFECT_API_URL"] = url  # this process's Prefect client (every thread) and its children

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from rectflow.errors import InputError
 from rectflow.secrets import credential_hint, redact_text, url_problem
 
 BUILTIN_2D = ("moons", "8gaussians", "checkerboard", "scurve", "circles", "swissroll", "gaussian")
@@ -40,7 +41,7 @@ NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 UnitFloat = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 
 
-class ParamsError(ValueError):
+class ParamsError(InputError, ValueError):
     """A params document (or override) is invalid. ``str(err)`` is one line naming the key."""
 
 
@@ -406,9 +407,12 @@ def target_is_images(data: DataParams) -> bool:
     if data.target != "file" or not data.target_path:
         return False
     path = Path(data.target_path)
+    from rectflow.io import file_kind
+
+    kind = file_kind(path)
+    if kind != "file":  # a folder of images; nothing, or a FIFO or device (never opened): prepare names it
+        return kind == "folder"
     try:
-        if path.is_dir():
-            return True
         if path.suffix.lower() == ".npy":
             import numpy as np
 

@@ -20,6 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rectflow.errors import InputError
+from rectflow.io import require_file
+
 __all__ = [
     "DataError",
     "Distribution",
@@ -32,7 +35,7 @@ __all__ = [
 ]
 
 
-class DataError(ValueError):
+class DataError(InputError, ValueError):
     """Bad data: the message names the file or data set and what was expected."""
 
 
@@ -161,9 +164,7 @@ def load_array_file(path: str | Path) -> np.ndarray:
     images (:func:`rectflow.imaging.load_image_folder`). Raises :class:`DataError` naming the file.
     """
     p = Path(path)
-    if not p.exists():
-        raise DataError(f"{p}: data file not found")
-    if p.is_dir():
+    if require_file(p, DataError, f"{p}: data file not found", folder_ok=True) == "folder":
         from rectflow.imaging import load_image_folder
 
         try:
@@ -258,8 +259,7 @@ class Distribution:
 def prepared_meta(prepared: Path) -> dict:
     """Read ``data/prepared/meta.json`` (written by the prepare stage)."""
     path = prepared / "meta.json"
-    if not path.is_file():
-        raise DataError(f"{path}: missing; run the prepare stage first")
+    require_file(path, DataError, f"{path}: missing; run the prepare stage first")
     try:
         meta = json.loads(path.read_text())
         for side in ("source", "target"):
@@ -276,8 +276,7 @@ def load_prepared(prepared: Path, side: str, split: str) -> Distribution:
     if meta["kind"] == "gaussian":
         return Distribution(shape)
     path = prepared / f"{side}-{split}.npy"
-    if not path.is_file():
-        raise DataError(f"{path}: missing; run the prepare stage first")
+    require_file(path, DataError, f"{path}: missing; run the prepare stage first")
     expected = (meta.get("files") or {}).get(split, {}).get("sha256")
     data = path.read_bytes()
     if expected and hashlib.sha256(data).hexdigest() != expected:

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save
 from sklearn.cluster import KMeans
 from torch import Tensor, nn
 
-from rectflow.io import atomic_write_bytes, file_sha256
+from rectflow.io import atomic_write_bytes, file_sha256, require_file
 
 __all__ = [
     "FeatureNet",
@@ -217,8 +217,7 @@ def load_feature_net(path_stem: str | os.PathLike[str]) -> FeatureNet:
     """Rebuild a net saved by :func:`save_feature_net`; returned frozen, in eval mode, on CPU."""
     weights, arch = _stem_paths(path_stem)
     for p in (weights, arch):
-        if not p.is_file():
-            raise FileNotFoundError(f"feature net: {p} not found (expected STEM.safetensors and STEM.json)")
+        require_file(p, FileNotFoundError, f"feature net: {p} not found (expected STEM.safetensors and STEM.json)")
     try:
         cfg = json.loads(arch.read_text())
         if cfg.pop("kind", None) != "FeatureNet":

@@ -28,7 +28,7 @@ from torch import Tensor
 from rectflow.config import inception_missing
 from rectflow.data import DataError
 from rectflow.fd import frechet_distance
-from rectflow.io import file_sha256
+from rectflow.io import file_sha256, require_file
 
 __all__ = ["InceptionDetector", "fid_scorer", "load_inception", "to_uint8_rgb"]
 
@@ -65,8 +65,7 @@ def to_uint8_rgb(x: Tensor) -> Tensor:
 def load_inception(path: str | Path, device: torch.device | str = "cpu") -> InceptionDetector:
     """Load the detector file; a missing or foreign file is a :class:`DataError` naming the key."""
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise DataError(inception_missing(p))
+    require_file(p, DataError, inception_missing(p))
     try:
         net = torch.jit.load(str(p), map_location=device)
     except Exception as e:  # not TorchScript (a pickle, a state dict, a truncated file)

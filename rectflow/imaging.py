@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 from torch import Tensor
 
-from rectflow.io import atomic_write_bytes
+from rectflow.io import atomic_write_bytes, require_file
 
 __all__ = ["grid_image", "hflip_batch", "load_image_folder", "save_grid_png", "side_by_side_png", "to_unit_range"]
 
@@ -37,9 +37,9 @@ def to_unit_range(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
 def _image_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise NotADirectoryError(f"load_image_folder: {folder} is not a directory")
-    files = sorted(
-        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
-    )
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    for p in files:  # an image name on a FIFO or a device is refused, not waited on nor skipped
+        require_file(p, ValueError, f"{p}: missing")
     if not files:
         raise ValueError(f"load_image_folder: no {'/'.join(IMAGE_SUFFIXES)} files in {folder}")
     return files

@@ -5,13 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_json", "file_sha256", "read_json"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_json", "file_kind", "file_sha256", "read_json",
+           "require_file"]
 
 
 @contextmanager
@@ -39,6 +41,41 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+_SPECIAL = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+            (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def file_kind(path: Path | str) -> str:
+    """What ``path`` is, following links, without opening it: 'missing', 'file', 'folder', or the
+    kind of a special file ('a named pipe (FIFO)', 'a character device', …), which a reader could
+    wait on forever (a FIFO with no writer, ``/dev/zero``)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "missing"
+    except NotADirectoryError:
+        return "missing"
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "folder"
+    return next((name for test, name in _SPECIAL if test(mode)), "not a regular file")
+
+
+def require_file(path: Path | str, error: type[Exception], missing: str, folder_ok: bool = False) -> str:
+    """Refuse anything at ``path`` but a regular file (or a folder, with ``folder_ok``) before it is
+    opened: ``error(missing)`` when nothing is there, else ``error`` naming what is there. Returns
+    :func:`file_kind`'s answer ('file' or 'folder')."""
+    kind = file_kind(path)
+    if kind == "missing":
+        raise error(missing)
+    if kind == "file" or (kind == "folder" and folder_ok):
+        return kind
+    if kind == "folder":
+        raise error(f"{path}: is a folder; expected a file")
+    raise error(f"{path}: is {kind}, not a regular file; expected a file (reading it could wait forever)")
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:

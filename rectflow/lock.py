@@ -33,13 +33,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from rectflow.errors import InputError
+
 __all__ = ["ENV_HELD", "LockError", "lock_path", "workspace_lock"]
 
 ENV_HELD = "RECTFLOW_LOCK_HELD"
 _POLL_S = 0.05
 
 
-class LockError(RuntimeError):
+class LockError(InputError, RuntimeError):
     """The workspace is in use by another run. ``str(err)`` is one line naming the holder."""
 
 

@@ -15,13 +15,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rectflow.io import atomic_write_bytes, atomic_write_json, file_sha256
+from rectflow.errors import InputError
+from rectflow.io import atomic_write_bytes, atomic_write_json, file_sha256, require_file
 from rectflow.layers import SinusoidalEmbedding, time_vector
 
 __all__ = ["MLPVelocity", "ModelError", "SinusoidalEmbedding", "build_model", "save_model"]
 
 
-class ModelError(ValueError):
+class ModelError(InputError, ValueError):
     """A model file is missing, unreadable, or its weights do not match its architecture."""
 
 
@@ -110,8 +111,7 @@ def save_model(stem: Path, state: dict[str, Tensor], arch: dict[str, Any], meta:
 
 def read_model_card(stem: Path) -> dict[str, Any]:
     path = Path(stem).with_suffix(".json")
-    if not path.is_file():
-        raise ModelError(f"{path}: model description not found")
+    require_file(path, ModelError, f"{path}: model description not found")
     try:
         card = json.loads(path.read_text())
         card["arch"]["kind"]
@@ -129,8 +129,7 @@ def load_state(stem: Path) -> dict[str, Tensor]:
     from safetensors.torch import load
 
     path = Path(stem).with_suffix(".safetensors")
-    if not path.is_file():
-        raise ModelError(f"{path}: weights not found")
+    require_file(path, ModelError, f"{path}: weights not found")
     try:
         data = path.read_bytes()
     except OSError as e:

@@ -26,7 +26,8 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
-from rectflow.io import atomic_path, file_sha256, read_json
+from rectflow.errors import InputError
+from rectflow.io import atomic_path, file_sha256, read_json, require_file
 
 if TYPE_CHECKING:
     from rectflow.storage import Store
@@ -39,7 +40,7 @@ __all__ = [
 MANIFEST = "manifest.json"
 
 
-class ManifestError(ValueError):
+class ManifestError(InputError, ValueError):
     """A coupling round is missing, incomplete, or a shard does not match its manifest."""
 
 
@@ -113,6 +114,7 @@ def _check_columns(schema: pa.Schema, shape: tuple[int, ...], where: str) -> Non
 
 def check_shard_file(path: Path, entry: dict[str, Any], shape: tuple[int, ...]) -> None:
     """A shard's Parquet footer (no data read) agrees with its manifest entry and the round's shape."""
+    require_file(path, ManifestError, f"{path}: listed in the manifest but missing")
     try:
         meta = pq.read_metadata(path)
         schema = meta.schema.to_arrow_schema()
@@ -125,8 +127,7 @@ def check_shard_file(path: Path, entry: dict[str, Any], shape: tuple[int, ...]) 
 
 def read_manifest(round_dir: Path, require_complete: bool = True) -> dict[str, Any]:
     path = Path(round_dir) / MANIFEST
-    if not path.is_file():
-        raise ManifestError(f"{path}: missing; run the couple stage first")
+    require_file(path, ManifestError, f"{path}: missing; run the couple stage first")
     try:
         man = read_json(path)
     except (ValueError, OSError):
@@ -189,8 +190,7 @@ def _check_totals(man: dict[str, Any], path: str) -> None:
 def read_shard(round_dir: Path, entry: dict[str, Any], shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """Read one shard, verifying its sha256 against the manifest entry first."""
     path = Path(round_dir) / entry["name"]
-    if not path.is_file():
-        raise ManifestError(f"{path}: listed in the manifest but missing")
+    require_file(path, ManifestError, f"{path}: listed in the manifest but missing")
     return decode_shard(path.read_bytes(), entry, shape, str(path))
 
 
@@ -217,8 +217,7 @@ def verify_round(round_dir: Path) -> dict[str, Any]:
     man = read_manifest(round_dir)
     for entry in man["shards"]:
         path = Path(round_dir) / entry["name"]
-        if not path.is_file():
-            raise ManifestError(f"{path}: listed in the manifest but missing")
+        require_file(path, ManifestError, f"{path}: listed in the manifest but missing")
         digest = file_sha256(path)
         if digest != entry["sha256"]:
             raise ManifestError(
@@ -285,7 +284,8 @@ class PairStream:
         if store is None:
             for e in self.shards:
                 p = Path(self.dir) / e["name"]
-                if not p.is_file() or p.stat().st_size != e.get("bytes", p.stat().st_size):
+                require_file(p, ManifestError, f"{p}: listed in the manifest but missing")
+                if p.stat().st_size != e.get("bytes", p.stat().st_size):
                     raise ManifestError(f"{p}: missing or of the wrong size for its manifest")
                 check_shard_file(p, e, self.shape)  # rows and dimension, from the footer, before training
         else:

@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from rectflow.config import Params, ParamsError, dump_params, inception_missing, target_is_images, validate
+from rectflow.io import require_file
 
 __all__ = [
     "PROFILES_DIR", "RESOLVED_FILE", "Resolution", "apply_overrides", "load_params", "parse_override",
@@ -107,8 +108,7 @@ def load_yaml_text(text: str, where: str) -> Any:
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A params-like YAML file as a dict (empty file: ``{}``); ParamsError with one line naming it."""
     p = Path(path)
-    if not p.is_file():
-        raise ParamsError(f"{p}: params file not found")
+    require_file(p, ParamsError, f"{p}: params file not found")
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -194,9 +194,8 @@ def _choose_profile(user: Params) -> tuple[str | None, str]:
 
 def _read_profile(name: str) -> tuple[dict[str, Any], Path]:
     path = profile_path(name)
-    if not path.is_file():
-        known = ", ".join(["auto", "none", *available_profiles()])
-        raise ParamsError(f"profile: {name!r} not found ({path}); expected one of {known} or a .yaml path")
+    known = ", ".join(["auto", "none", *available_profiles()])
+    require_file(path, ParamsError, f"profile: {name!r} not found ({path}); expected one of {known} or a .yaml path")
     doc = read_yaml(path)
     for key in ("profile", "data"):  # the profile is chosen from these: it cannot change them
         if key in doc:
@@ -256,8 +255,8 @@ def resolve(path: str | Path = "params.yaml", overrides: list[str] | None = None
     except ParamsError as e:
         raise ParamsError(f"{e} (with the {name} profile applied)") from None
     det = params.evaluate.inception
-    if det and not Path(det).expanduser().is_file():  # before any stage runs, not after training
-        raise ParamsError(inception_missing(det))
+    if det:  # before any stage runs, not after training
+        require_file(Path(det).expanduser(), ParamsError, inception_missing(det))
     return Resolution(params, name, why, tuple(files))
 
 

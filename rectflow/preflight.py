@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from rectflow.config import Params, ParamsError
+from rectflow.errors import InputError
 
 __all__ = [
     "Need", "WorkspaceError", "available_memory", "check_memory", "check_writable", "human_bytes", "is_out_of_memory",
@@ -38,7 +39,7 @@ __all__ = [
 ]
 
 
-class WorkspaceError(ValueError):
+class WorkspaceError(InputError, ValueError):
     """An output of the stage cannot be written where it goes (one line naming the folder)."""
 
 

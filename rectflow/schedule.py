@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rectflow.io import atomic_write_json, read_json
+from rectflow.io import atomic_write_json, read_json, require_file
 from rectflow.solvers import Velocity, uniform_grid
 
 __all__ = [
@@ -248,8 +248,7 @@ def load_schedule(stem: Path | str) -> dict[int, Tensor]:
     from rectflow.nets import ModelError
 
     path = schedule_path(stem)
-    if not path.is_file():
-        raise ModelError(f"{path}: no step schedule (make one with rectflow.schedule.bellman_schedule)")
+    require_file(path, ModelError, f"{path}: no step schedule (make one with rectflow.schedule.bellman_schedule)")
     try:
         doc = read_json(path)
         raw = doc["schedules"]

@@ -19,7 +19,7 @@ from rectflow.config import ParamsError
 
 __all__ = ["Settings", "settings"]
 
-Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Seconds = Annotated[float, Field(gt=0, le=7 * 24 * 3600, allow_inf_nan=False)]  # a week at most: every wait bounded
 
 
 class Settings(BaseSettings):

@@ -39,10 +39,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, runtime_checkable
 from urllib.parse import urlsplit
 
-from pydantic import Field, PositiveFloat, PositiveInt, field_validator
+from pydantic import Field, PositiveInt, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from rectflow.config import StorageParams
+from rectflow.errors import InputError
 
 if TYPE_CHECKING:
     import pyarrow.fs
@@ -70,7 +71,7 @@ CREDENTIALS_MESSAGE = "S3 credentials not found: set AWS_ACCESS_KEY_ID/AWS_SECRE
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ACCESS_KEY_ID")
 
 
-class StorageError(RuntimeError):
+class StorageError(InputError, RuntimeError):
     """An object-store operation failed. ``str(err)`` is one line and never contains a secret."""
 
 
@@ -112,9 +113,12 @@ class StorageSettings(BaseSettings):
     multipart_threshold_mb: PositiveInt = Field(64, description="Files from this size (MiB) upload in parts.")
     multipart_chunk_mb: int = Field(16, ge=5, description="Part size in MiB (S3 minimum: 5).")
     max_concurrency: PositiveInt = Field(4, description="Parallel part transfers per file.")
-    max_attempts: PositiveInt = Field(3, description="Attempts per request (adaptive retry mode).")
-    connect_timeout_s: PositiveFloat = Field(5.0, description="TCP connect timeout per attempt.")
-    read_timeout_s: PositiveFloat = Field(30.0, description="Socket read timeout per attempt.")
+    # every wait bounded: finite timeouts (an hour at most) and attempts (#15 kind 8)
+    max_attempts: int = Field(3, ge=1, le=100, description="Attempts per request (adaptive retry mode).")
+    connect_timeout_s: float = Field(5.0, gt=0, le=3600, allow_inf_nan=False,
+                                     description="TCP connect timeout per attempt, seconds.")
+    read_timeout_s: float = Field(30.0, gt=0, le=3600, allow_inf_nan=False,
+                                  description="Socket read timeout per attempt, seconds.")
 
     @field_validator("endpoint_url")
     @classmethod

@@ -268,15 +268,15 @@ def open_pairs(p: Params, layout: Layout, round_k: int, seed: int, dev: torch.de
 def _open_pairs(p: Params, layout: Layout, round_k: int, seed: int, dev: torch.device):  # -> PairStream
     import sys
 
+    from rectflow.io import require_file
     from rectflow.pairs import ManifestError, PairStream, read_manifest
 
     rank, world = rank_world()
     local = layout.round_dir(round_k)
     try:
         man = read_manifest(local)
-        missing = [e["name"] for e in man["shards"] if not (local / e["name"]).is_file()]
-        if missing:
-            raise ManifestError(f"{local / missing[0]}: listed in the manifest but missing")
+        for e in man["shards"]:  # a missing shard may be streamed from storage; a FIFO is refused
+            require_file(local / e["name"], ManifestError, f"{local / e['name']}: listed in the manifest but missing")
     except ManifestError:
         from tasks.remote import remote_round
 

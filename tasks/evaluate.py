@@ -183,10 +183,8 @@ def _side_by_side(p: Params, layout: Layout, groups: dict[str, list[str]], z0: t
 
 def _fd_context(p: Params, layout: Layout, dev: torch.device):
     """Image data: a frozen feature net for Fréchet distance (see rectflow.fd); None if unavailable."""
-    try:
-        from tasks.features import fd_scorer
-    except ImportError:
-        return None
+    from tasks.features import fd_scorer
+
     return fd_scorer(p, layout, dev)
 
 

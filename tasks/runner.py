@@ -23,9 +23,12 @@ from typing import Any
 from rectflow.config import Params, ParamsError
 from rectflow.stages import DDP_STAGES, stage
 
-__all__ = ["LAUNCHED_ENV", "StageFailedError", "run_stage", "stage_params", "user_errors"]
+__all__ = ["LAUNCHED_ENV", "OUTCOME_ENV", "StageFailedError", "run_stage", "stage_params", "user_errors"]
 
 LAUNCHED_ENV = "RECTFLOW_TORCHRUN_LAUNCHED"  # set by the launcher for its ranks: it prints the summary
+# Set by the flow for `dvc repro`: the file where a failing stage writes its exit status (2 bad input,
+# 1 failed) and its one line, which DVC's own exit status (always 1 for a failed command) loses.
+OUTCOME_ENV = "RECTFLOW_STAGE_OUTCOME"
 CLI_MODULE = "flows.cli"  # what torchrun runs for each rank: `python -m flows.cli stage NAME ...`
 
 
@@ -34,15 +37,11 @@ class StageFailedError(RuntimeError):
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input (exit 2), not a bug."""
-    from rectflow.data import DataError
-    from rectflow.lock import LockError
-    from rectflow.nets import ModelError
-    from rectflow.pairs import ManifestError
-    from rectflow.preflight import WorkspaceError
-    from rectflow.storage import StorageError
+    """Exceptions that mean bad input (exit 2), not a bug: every layer's own error derives from
+    :class:`rectflow.errors.InputError`, so this depends on no stage's modules."""
+    from rectflow.errors import InputError
 
-    return (ParamsError, DataError, ModelError, ManifestError, LockError, StorageError, WorkspaceError)
+    return (InputError,)
 
 
 def stage_params(name: str, params: Path, overrides: list[str]) -> Params:

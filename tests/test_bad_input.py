@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import shutil
+import stat
 import subprocess
 import sys
 from collections.abc import Callable
@@ -51,8 +52,29 @@ def snapshot(ws: Path) -> dict[str, str]:
         for f in filenames:
             p = Path(dirpath) / f
             rel = str(p.relative_to(ws))
-            out[rel] = f"link -> {os.readlink(p)}" if p.is_symlink() else hashlib.sha256(p.read_bytes()).hexdigest()
+            if p.is_symlink():
+                out[rel] = f"link -> {os.readlink(p)}"
+            elif not stat.S_ISREG(p.stat().st_mode):  # a FIFO of a test case: never opened (it would block)
+                out[rel] = f"special {stat.S_IFMT(p.stat().st_mode):o}"
+            else:
+                out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
+
+
+def fifo(ws: Path, rel: str) -> None:
+    """Put a named pipe with no writer at ``rel`` (replacing what is there): opening it blocks."""
+    p = ws / rel
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if p.is_file():
+        p.unlink()
+    os.mkfifo(p)
+
+
+def device_link(ws: Path, rel: str, device: str = "/dev/zero") -> None:
+    """A symlink at ``rel`` to a character device that never ends."""
+    p = ws / rel
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.symlink_to(device)
 
 
 # ---- workspaces -----------------------------------------------------------------------------------
@@ -315,6 +337,19 @@ CASES = [
          setup=lambda ws: save_npy(ws, "one.npy", rng_rows(1, 2))),
     Case("data-file-images-all-identical", ["stage", "prepare", *sets(target("same.npy"))], ["same.npy", "distinct"],
          setup=lambda ws: save_npy(ws, "same.npy", np.ones((40, 1, 4, 4), np.float32))),
+    # special files: refused by what they are, never opened (a FIFO with no writer, a device never ends)
+    Case("data-file-fifo", ["stage", "prepare", *sets(target("pipe.npy"))], ["inputs/pipe.npy", "named pipe (FIFO)"],
+         setup=lambda ws: fifo(ws, "inputs/pipe.npy")),
+    Case("data-file-fifo-npz", ["stage", "prepare", *sets(target("pipe.npz"))], ["inputs/pipe.npz", "named pipe"],
+         setup=lambda ws: fifo(ws, "inputs/pipe.npz")),
+    Case("data-file-fifo-parquet", ["stage", "prepare", *sets(target("pipe.parquet"))], ["pipe.parquet", "named pipe"],
+         setup=lambda ws: fifo(ws, "inputs/pipe.parquet")),
+    Case("data-file-dev-zero", ["stage", "prepare", *sets(target("zeros.npy"))], ["inputs/zeros.npy", "character device"],
+         setup=lambda ws: device_link(ws, "inputs/zeros.npy")),
+    Case("data-folder-fifo-image", ["stage", "prepare", *sets(target("imgs"))], ["inputs/imgs/3.png", "named pipe"],
+         setup=lambda ws: fifo(ws, "inputs/imgs/3.png")),
+    Case("params-fifo", ["stage", "prepare", "--params", "pipe.yaml"], ["pipe.yaml", "named pipe"],
+         setup=lambda ws: fifo(ws, "pipe.yaml")),
     Case("data-noise-overflow", ["stage", "prepare", "--set", "data.noise=1e39"], ["data.noise", "overflow float32"]),
     Case("data-noise-overflow-circles", ["stage", "prepare", "--set", "data.target=circles", "--set", "data.noise=1e300"],
          ["data.noise", "circles", "overflow float32"]),
@@ -327,6 +362,17 @@ CASES = [
     Case("prepared-meta-garbage", ["stage", "pretrain"], ["data/prepared/meta.json", "prepare"], base="coupled",
          setup=lambda ws: write(ws, "data/prepared/meta.json", "{")),
     # -- pipeline files: models, shards, manifests --------------------------------------------------
+    Case("model-weights-fifo", ["stage", "couple"], ["models/rf1.safetensors", "named pipe"], base="coupled",
+         setup=lambda ws: fifo(ws, "models/rf1.safetensors")),
+    Case("prepared-meta-fifo", ["stage", "pretrain"], ["data/prepared/meta.json", "named pipe"], base="coupled",
+         setup=lambda ws: fifo(ws, "data/prepared/meta.json")),
+    Case("shard-fifo", ["stage", "reflow"], ["round-1/shard-00001.parquet", "named pipe"], base="coupled",
+         setup=lambda ws: fifo(ws, "data/couplings/round-1/shard-00001.parquet")),
+    Case("manifest-fifo", ["stage", "reflow"], ["round-1/manifest.json", "named pipe"], base="coupled",
+         setup=lambda ws: fifo(ws, "data/couplings/round-1/manifest.json")),
+    Case("sample-model-fifo", ["sample", "--model", "models/rf1", "--out", "s.parquet"], ["models/rf1.json", "named pipe"],
+         base="coupled", setup=lambda ws: fifo(ws, "models/rf1.json")),
+    Case("dvc-lock-fifo", ["run"], ["dvc.lock", "named pipe"], setup=lambda ws: fifo(ws, "dvc.lock")),
     Case("model-arch-mismatch", ["stage", "couple"], ["rf1.safetensors", "do not match the architecture"], base="coupled",
          setup=lambda ws: edit_json(ws, "models/rf1.json", lambda c: c["arch"].update(hidden=32))),
     Case("model-arch-mismatch-reflow", ["stage", "reflow"], ["rf1.safetensors", "do not match the architecture"],
@@ -748,3 +794,56 @@ def test_run_with_a_dvc_lock_dvc_refuses_is_one_line_and_not_retried(tmp_path):
     assert len(errors) == 1 and "dvc.lock" in errors[0] and "DVC cannot read it" in errors[0], r.stderr[-3000:]
     assert "Traceback" not in r.stderr and "Retries" not in r.stderr
     assert r.stderr.count("validation failed") == 2  # DVC's own line and ours: one attempt
+
+
+# ---- rectflow run exits as its stage did: 2 for bad input, 1 for a failure (DVC says only 'failed') ---
+
+
+@pytest.mark.parametrize("case", ["nan-loss", "data-fifo"])
+def test_run_exits_with_the_status_of_the_stage_that_stopped_it(case: str, tmp_path, tiny_overrides):
+    """A NaN loss in pretrain is a failure (exit 1), a FIFO as the data file is bad input (exit 2),
+    although DVC exits 1 for both: the stage reports its status to the flow. Neither is retried,
+    and each ends with exactly the stage's own line."""
+    from tests.workspace import clone_workspace, rectflow
+
+    ws = clone_workspace(tmp_path / "ws", tiny_overrides)
+    if case == "nan-loss":
+        extra, code, words = ["pretrain.lr=1e30"], 1, "loss became NaN or infinite at step"
+    else:
+        fifo(ws, "inputs/pipe.npy")
+        extra, code, words = ["data.target=file", "data.target_path=inputs/pipe.npy"], 2, "named pipe (FIFO)"
+    r = rectflow("run", *sets(extra), cwd=ws, timeout=400, RECTFLOW_THREADS="1")
+    assert r.returncode == code, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("rectflow: error:")]
+    assert errors and all(words in e for e in errors), r.stderr[-3000:]
+    assert len(set(errors)) == 1, errors  # the stage's line (passed through) and the run's: the same line
+    assert "Traceback" not in r.stderr and "Retries" not in r.stderr
+    stage = "pretrain" if case == "nan-loss" else "prepare"
+    assert r.stderr.count(f"Running stage '{stage}'") + r.stdout.count(f"Running stage '{stage}'") == 1
+
+
+# ---- settings that bound a wait are finite (#15 kind 8) ---------------------------------------------
+
+
+@pytest.mark.parametrize("var,value,words", [
+    ("RECTFLOW_LOCK_TIMEOUT", "inf", "finite"),
+    ("RECTFLOW_LOCK_TIMEOUT", "nan", "finite"),
+    ("RECTFLOW_DIST_TIMEOUT", "1e300", "less than or equal to 604800"),
+    ("RECTFLOW_S3_READ_TIMEOUT_S", "inf", "finite"),
+    ("RECTFLOW_S3_CONNECT_TIMEOUT_S", "1e9", "less than or equal to 3600"),
+    ("RECTFLOW_S3_MAX_ATTEMPTS", "1000000", "less than or equal to 100"),
+])
+def test_settings_that_bound_a_wait_are_finite(var: str, value: str, words: str, tmp_path_factory, tiny_overrides,
+                                               tmp_path):
+    """A wait taken from the environment is bounded: an infinite or absurd value is one line naming
+    the variable, exit 2, nothing written (the S3 ones where couple reads its storage settings)."""
+    ws = copy_base("coupled", tmp_path_factory, tiny_overrides, tmp_path / "ws")
+    (ws / "data/couplings").rename(ws / "round-backup")  # couple has a round to make
+    before = snapshot(ws)
+    env = ENV | {var: value, "AWS_ACCESS_KEY_ID": "AKIAEXAMPLE", "AWS_SECRET_ACCESS_KEY": "s3cr3t-never-logged"}
+    r = cli(ws, ["stage", "couple", *sets(tiny_overrides + S3)], env=env, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rectflow: error:"), r.stderr[-2000:]
+    assert var.removeprefix("RECTFLOW_S3_").lower() in lines[0].lower() and words in lines[0], lines[0]
+    assert snapshot(ws) == before
