@@ -128,9 +128,6 @@ def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
 
     if not verbose:
         _quiet_refusals()
-        from mlflow.utils.logging_utils import disable_logging
-
-        disable_logging()  # MLflow's event lines ("Successfully registered model …"): the run's summary says it
     _guard(run_cli, params, set_ or [], starting, verbose)
 
 

@@ -246,11 +246,11 @@ def _tracker(cfg: dict[str, Any]):  # type: ignore[no-untyped-def]
 
 
 @task(name="promote")
-def promote_task(root: str, parent_run_id: str, tracker_cfg: dict[str, Any]) -> dict[str, Any]:
+def promote_task(root: str, parent_run_id: str, tracker_cfg: dict[str, Any], verbose: bool = False) -> dict[str, Any]:
     from flows.registry import promote
 
     tracker = _tracker(tracker_cfg)
-    return promote(tracker, Path(root), parent_run_id)
+    return promote(tracker, Path(root), parent_run_id, verbose)
 
 
 # ---- the flow -------------------------------------------------------------------------------------
@@ -314,7 +314,7 @@ def pipeline(params: Params = _defaults(), track: bool = True, overrides: list[s
             for stage in STAGES:
                 results.append(stage_task(stage, str(root), parent, tracker_cfg, verbose))
             summary = json.loads(Layout(root).stage_metrics("evaluate").read_text())
-            promotion = promote_task(str(root), parent, tracker_cfg) if tracker and parent else {}
+            promotion = promote_task(str(root), parent, tracker_cfg, verbose) if tracker and parent else {}
             if tracker and parent:
                 tracker.log_summary(parent, {k: v for k, v in summary.items() if isinstance(v, (int, float))})
                 tracker.end(parent)

@@ -210,7 +210,40 @@ def _other_task(champion) -> str:  # type: ignore[no-untyped-def]
 # ---- promotion ------------------------------------------------------------------------------------
 
 
-def promote(tracker, root: Path, parent_run_id: str) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+class _DropLines:
+    """A stderr that drops MLflow's event lines about registering (the run's summary reports the
+    promotion) and passes every other line through."""
+
+    DROP = ("Successfully registered model '", "Created version '", "Registered model '")
+
+    def __init__(self, out: Any) -> None:
+        self.out, self.buf = out, ""
+
+    def write(self, text: str) -> int:
+        self.buf += text
+        while "\n" in self.buf:
+            line, self.buf = self.buf.split("\n", 1)
+            if not line.startswith(self.DROP):
+                self.out.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self.buf and not self.buf.startswith(self.DROP):
+            self.out.write(self.buf)
+        self.buf = ""
+        self.out.flush()
+
+
+def _registry_lines(verbose: bool):  # type: ignore[no-untyped-def]
+    """Quiet by default: MLflow prints its registry events to stderr unconditionally."""
+    import contextlib
+
+    if verbose:
+        return contextlib.nullcontext()
+    return contextlib.redirect_stderr(_DropLines(sys.stderr))
+
+
+def promote(tracker, root: Path, parent_run_id: str, verbose: bool = False) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     """Register ``models/distilled`` under its task's name and move ``champion`` only on merit.
 
     Returns the promotion record: ``decision`` (``champion`` | ``challenger`` | ``unchanged``),
@@ -253,7 +286,7 @@ def promote(tracker, root: Path, parent_run_id: str) -> dict[str, Any]:  # type:
     mlflow.set_tracking_uri(tracker.uri)
     import warnings
 
-    with mlflow.start_run(run_id=parent_run_id), warnings.catch_warnings():
+    with mlflow.start_run(run_id=parent_run_id), warnings.catch_warnings(), _registry_lines(verbose):
         # the model's input is an (n, *shape) array whose shape the card holds; MLflow's advice to add
         # type hints for a signature does not apply, and would print on every run
         warnings.filterwarnings("ignore", message=".*type hints.*", category=UserWarning)

@@ -129,10 +129,34 @@ class Tracker:
 
     # -- runs -----------------------------------------------------------------------------------
 
+    def workspace_tag(self) -> str:
+        """``HOST:/abs/workspace``: which workspace a run belongs to (its workspace lock is per host)."""
+        import socket
+
+        return f"{socket.gethostname()}:{self.root.resolve()}"
+
+    def end_orphans(self) -> list[str]:
+        """Mark KILLED the runs of this workspace left RUNNING by a run that was killed (``kill -9``,
+        a power cut). Called under the workspace lock, so no live run of this workspace exists."""
+        ws = self.workspace_tag().replace("'", "\\'")
+        try:
+            runs = self.client.search_runs([self.experiment_id], f"tags.`rectflow.workspace` = '{ws}' "
+                                           "and attributes.status = 'RUNNING'", max_results=1000)
+        except Exception:  # a registry that cannot search by tag: leave them as they are
+            return []
+        for run in runs:
+            self.client.set_tag(run.info.run_id, "rectflow.ended", "KILLED by the next run: its process was gone")
+            self.client.set_terminated(run.info.run_id, "KILLED")
+        return [run.info.run_id for run in runs]
+
     def start_parent(self, tags: dict[str, str], overrides: list[str]) -> str:
         from mlflow.entities import Param
 
-        tags = {k: redact_text(str(v)) for k, v in tags.items()}
+        orphans = self.end_orphans()
+        if orphans:
+            print(f"[rectflow] MLflow: {len(orphans)} run(s) of an interrupted run marked KILLED", file=sys.stderr,
+                  flush=True)
+        tags = {k: redact_text(str(v)) for k, v in tags.items()} | {"rectflow.workspace": self.workspace_tag()}
         run = self.client.create_run(self.experiment_id, run_name=tags.get("rectflow.run_name", "pipeline"), tags=tags)
         params = {k: v for k, v in flatten(self.p.model_dump(mode="json")).items() if _safe(k)}
         self._log_params(run.info.run_id, params)
@@ -148,7 +172,9 @@ class Tracker:
         logged exactly as ``params.resolved.yaml`` has them."""
         tags = {k: redact_text(str(v)) for k, v in tags.items()}
         run = self.client.create_run(
-            self.experiment_id, run_name=stage, tags={"mlflow.parentRunId": parent_id, "rectflow.stage": stage} | tags
+            self.experiment_id, run_name=stage,
+            tags={"mlflow.parentRunId": parent_id, "rectflow.stage": stage, "rectflow.workspace": self.workspace_tag()}
+            | tags,
         )
         flat = flatten(self.p.model_dump(mode="json"))
         wanted = {k: v for k, v in flat.items() if any(k == key or k.startswith(f"{key}.") for key in keys)}

@@ -66,6 +66,8 @@ def train_and_save(
     record = {
         "model": name,
         "steps": cfg.steps,
+        "batch_size": cfg.batch_size,  # what it trained with (the resolved params'), stated in its record
+        "lr": cfg.lr,
         "steps_run": res.steps,
         "resumed_from": res.resumed_from,
         "final_loss": res.final_loss,
@@ -94,7 +96,7 @@ FINISHED_RECORD = ".record.json"
 
 def _keep_finished(layout: Layout, name: str, fp: str, record: dict[str, Any]) -> None:
     """Keep a copy of the just-saved ``models/NAME`` (weights, card, loss history) and its record in
-    ``.rectflow/finished/`` until the stage completes (:func:`clear_finished`): a crash later in the
+    ``.rectflow/finished/`` until the next stage starts (:func:`begin_stage`): a crash later in the
     stage (reflow's next coupling round, distill's second student) then costs no retraining, also
     under ``dvc repro``, which deletes a stage's outputs before it reruns it."""
     import shutil
@@ -143,11 +145,27 @@ def _restore_finished(layout: Layout, name: str, fp: str) -> dict[str, Any] | No
     return dict(marker["record"])
 
 
-def clear_finished(layout: Layout) -> None:
-    """Drop the kept finished models: the stage that made them completed (its outputs are final)."""
+def begin_stage(layout: Layout, stage: str) -> None:
+    """Make ``.rectflow/finished`` (what a stage keeps against a crash) the property of ``stage``.
+
+    What a stage keeps there (finished models, schedules, coupling rounds) outlives the stage: a
+    kill after the stage wrote its outputs but before DVC locked them (``dvc repro`` then deletes
+    the outputs and reruns the stage) must not cost a recomputation. It is dropped when another
+    stage starts: by then DVC has locked the stage that kept it (stages run in order)."""
     import shutil
 
-    shutil.rmtree(layout.root / ".rectflow" / "finished", ignore_errors=True)
+    from rectflow.io import atomic_write_bytes
+
+    root = layout.root / ".rectflow" / "finished"
+    owner = root / "STAGE"
+    try:
+        current = owner.read_text().strip()
+    except OSError:
+        current = None
+    if current != stage:
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(owner, f"{stage}\n".encode())
 
 
 SCHEDULE_SEED_OFFSET = 20_011  # the schedule's source draws: neither evaluation's nor a shard's noise

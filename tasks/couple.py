@@ -279,6 +279,8 @@ def run_round(p: Params, layout: Layout, round_k: int, shard_executor: ShardExec
             if remote is not None:
                 remote.sync(final, [e["name"] for e in done["shards"]])
             return _record(done, reused=len(done["shards"]), made_rows=0, seconds=0.0)
+    if done is None:  # made before an interruption, then deleted (dvc repro reruns an unlocked stage)
+        _restore_round(layout, round_k, fp, staging)
     man = _read_manifest_or_none(staging / MANIFEST) or {}
     if man.get("fingerprint") != fp:
         shutil.rmtree(staging, ignore_errors=True)
@@ -376,9 +378,51 @@ def run_round(p: Params, layout: Layout, round_k: int, shard_executor: ShardExec
         final.rename(trash)
     staging.rename(final)
     shutil.rmtree(trash, ignore_errors=True)
+    _keep_round(layout, round_k, final)
     if remote is not None:  # last: a complete manifest in the store means every shard is there
         remote.put_file(final / MANIFEST)
     return _record(man, reused=reused, made_rows=sum(rows[i] for i in todo), seconds=seconds)
+
+
+def _keep_round(layout: Layout, round_k: int, final: Path) -> None:
+    """Keep the published round in ``.rectflow/finished/round-K`` (hard links: no second copy of
+    the pairs) until the next stage starts (:func:`tasks._common.begin_stage`): if the stage is
+    killed before DVC locks it, ``dvc repro`` deletes ``data/couplings/round-K`` and reruns the
+    stage, which then takes the round back instead of solving it again."""
+    import os
+
+    kept = layout.finished(f"round-{round_k}")
+    tmp = kept.with_name(f".{kept.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in final.iterdir():
+        try:
+            os.link(f, tmp / f.name)
+        except OSError:  # another file system, or links refused: a copy
+            shutil.copy2(f, tmp / f.name)
+    shutil.rmtree(kept, ignore_errors=True)
+    tmp.rename(kept)
+
+
+def _restore_round(layout: Layout, round_k: int, fp: str, staging: Path) -> bool:
+    """Put a kept complete round of this very configuration (``fp``) into ``staging``, where the
+    resume below verifies every shard's sha256 and keeps it; False if there is none."""
+    import os
+
+    kept = layout.finished(f"round-{round_k}")
+    man = _read_manifest_or_none(kept / MANIFEST) if (kept / MANIFEST).is_file() else None
+    if not man or man.get("fingerprint") != fp or not man.get("complete"):
+        return False
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for f in kept.iterdir():
+        try:
+            os.link(f, staging / f.name)
+        except OSError:
+            shutil.copy2(f, staging / f.name)
+    print(f"[couple] round {round_k}: finished before an interruption: taken back from {kept}", file=sys.stderr,
+          flush=True)
+    return True
 
 
 def _write(

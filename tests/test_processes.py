@@ -12,22 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.processes import marked as _marked
 from tests.workspace import BIN, clone_workspace, env
 
 pytestmark = pytest.mark.slow
-
-
-def _marked(marker: str) -> list[int]:
-    pids = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            if marker.encode() in (d / "environ").read_bytes():
-                pids.append(int(d.name))
-        except OSError:
-            continue
-    return pids
 
 
 def test_kill_9_of_run_leaves_no_process(tmp_path):

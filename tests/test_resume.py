@@ -227,4 +227,34 @@ def test_reflow_sigkill_in_its_coupling_then_rerun_does_not_retrain(trained, tmp
         assert sha(crashed / rel) == sha(solo / rel), rel
     losses = lambda ws: [(r["step"], r["loss"]) for r in csv.DictReader(open(ws / "plots/train/rf2.csv"))]  # noqa: E731
     assert losses(crashed) == losses(solo)  # the history restored too (samples/s is a timing)
-    assert not kept.exists()  # the stage completed: nothing kept any more
+    # kept until the next stage starts (DVC has locked this one by then): see the test below
+    assert (kept / "STAGE").read_text().strip() == "reflow" and (kept / "round-2" / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize("stage", ["couple", "reflow"])
+def test_killed_after_the_stage_finished_but_before_dvc_locked_it(stage, trained, tmp_path, tiny_overrides):
+    """A kill after the stage wrote its outputs but before DVC locked them: ``dvc repro`` deletes the
+    outputs and reruns the stage. The rerun takes back what the stage kept (models, schedules,
+    coupling rounds) and computes nothing: no training step, no shard solved; the outputs are the
+    first run's, byte for byte. Another stage starting drops what was kept."""
+    ws = copy_ws(trained, tmp_path / "ws", "metrics")
+    outs = {"couple": ["data/couplings/round-1"],
+            "reflow": ["models/rf2.safetensors", "models/rf2.json", "models/rf2.schedule.json", "plots/train/rf2.csv",
+                       "data/couplings/round-2"]}[stage]
+    if stage == "couple":
+        shutil.rmtree(ws / "data/couplings")
+    first = run(ws, stage, tiny_overrides)
+    assert first.returncode == 0, first.stderr
+    files = [f for rel in outs for f in ([ws / rel] if (ws / rel).is_file() else sorted((ws / rel).glob("*")))]
+    before = {f: sha(f) for f in files}
+    for rel in outs:  # what dvc repro does to an unlocked stage's outputs before it reruns it
+        shutil.rmtree(ws / rel) if (ws / rel).is_dir() else (ws / rel).unlink()
+    again = run(ws, stage, tiny_overrides)
+    assert again.returncode == 0, again.stderr
+    assert "solved" not in again.stderr and "[rf2] step" not in again.stderr, again.stderr
+    assert "finished before an interruption" in again.stderr
+    assert {f: sha(f) for f in files} == before
+    nxt = run(ws, "distill" if stage == "reflow" else "reflow", tiny_overrides)
+    assert nxt.returncode == 0, nxt.stderr
+    owner = (ws / ".rectflow/finished/STAGE").read_text().strip()
+    assert owner != stage and not (ws / ".rectflow/finished" / f"round-{1 if stage == 'couple' else 2}").exists()
