@@ -104,3 +104,22 @@ def test_resolved_digits_params_equal_the_old_budget_semantics(root):
     assert (r2.n_pairs, r2.steps, r2.precision, r2.schedule) == (120_000, 20, "bf16", "bellman")
     assert (p.reflow.lr, p.reflow.time_dist, p.reflow.loss) == (2e-4, "u_shaped", "pseudo_huber")
     assert (p.distill.lr, p.distill.adversarial.weight, p.evaluate.rtol, p.bellman.n_samples) == (1e-4, 0.01, 1e-4, 256)
+
+
+def test_digits_trains_with_the_batch_size_the_user_names(tmp_path, root):
+    """Through the real CLI: `--set pretrain.batch_size=1024` on digits trains with 1024 (the images
+    profile's 128 does not win over a named key), as the stage's record states."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copy(root / "params.yaml", tmp_path / "params.yaml")
+    common = ["--set", "data.target=digits", "--set", "pretrain.steps=2", "--set", "pretrain.log_every=1",
+              "--set", "pretrain.checkpoint_every=1", "--set", "bellman.n_samples=16"]
+    for stage, extra in (("prepare", []), ("pretrain", ["--set", "pretrain.batch_size=1024"])):
+        r = subprocess.run([sys.executable, "-m", "flows.cli", "stage", stage, *common, *extra], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads((tmp_path / "metrics/pretrain.json").read_text())
+    assert rec["batch_size"] == 1024 and rec["lr"] == 5e-4  # the named key, and the profile's lr
