@@ -1,5 +1,8 @@
 """The Prefect flow ``rectflow-pipeline``: the registry's stages as Prefect tasks, wired through DVC.
 
+(About 420 lines on purpose: the flow, the one DVC call per stage with its status channel, and the
+recording of UI-form overrides are one orchestration contract, read together.)
+
 One DAG, two entry points. The flow iterates :data:`rectflow.stages.STAGES` (resolve, prepare …
 evaluate) and reproduces each stage with DVC's own command line (``dvc repro --single-item NAME``,
 which runs ``rectflow stage NAME``), so a stage whose code, params and inputs are unchanged is

@@ -1,6 +1,6 @@
 """Typed parameters: one frozen, strict pydantic model per section of ``params.yaml``.
 
-(About 420 lines on purpose: the whole schema, every key with its default and description, in one
+(About 470 lines on purpose: the whole schema, every key with its default and description, in one
 place that the Prefect form, docs and validation all come from.)
 
 Every model forbids unknown keys, so a typo (``pretrain.stpes``) is an error that names the key, never a

@@ -1,5 +1,8 @@
 """Checks a stage makes before it computes anything: its outputs can be written, its sizes fit.
 
+(Just over 400 lines on purpose: every size key's lower bound sits beside the others, so that a
+new key's memory is reckoned in the same place and the same way.)
+
 Both run inside the workspace lock, after the params are validated and before the stage's first
 computation, so a refusal is one line, exit 2, and the workspace is unchanged
 (docs/reliability.md, "Sizes and the workspace").

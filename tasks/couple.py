@@ -1,5 +1,8 @@
 """Stage 3, couple: pairs (Z0, Z1 = ODE_k(Z0)) of the current flow, streamed to Parquet shards.
 
+(About 450 lines on purpose: one round's life, from resume and repair through solving, writing and
+publishing to keeping it against a kill, is one crash-safety argument, kept in one file.)
+
 Round K uses ``models/rfK``. Z0 of shard i is drawn from π0 with its own seed (seed, round, i), so
 shards do not depend on how many workers made them or in which order. The ODE is solved in batches
 of ``couple.batch_size`` under ``torch.inference_mode`` (optionally bf16 autocast), by default with
