@@ -305,6 +305,20 @@ CASES = [
          setup=lambda ws: write(ws, "params.yaml", "- 1\n- 2\n")),
     Case("params-not-utf8", ["stage", "prepare"], ["params.yaml", "UTF-8"],
          setup=lambda ws: write(ws, "params.yaml", b"\xff\xfe\x00seed: 1\n")),
+    # types are never coerced (#15 kind 3): a boolean is not a number, 0.5 is not an integer
+    Case("bool-as-count", ["stage", "pretrain", "--set", "pretrain.steps=true"], ["pretrain.steps", "valid integer"],
+         base="coupled"),
+    Case("yes-as-width", ["stage", "pretrain", "--set", "model.hidden=yes"], ["model.hidden", "valid integer"],
+         base="coupled"),
+    Case("fraction-as-count", ["stage", "pretrain", "--set", "pretrain.steps=0.5"], ["pretrain.steps", "valid integer"]),
+    Case("number-as-flag", ["stage", "pretrain", "--set", "model.attention=1"], ["model.attention", "valid boolean"]),
+    # one YAML reader for every entry point (#15 kind 4): a duplicate key is one line naming it and its line
+    Case("duplicate-key-stage", ["stage", "prepare"], ["params.yaml", "duplicate key 'pretrain' at line 3"],
+         setup=lambda ws: write(ws, "params.yaml", "pretrain:\n  steps: 5\npretrain:\n  steps: 6\n")),
+    Case("duplicate-key-run", ["run"], ["params.yaml", "duplicate key 'pretrain' at line 3"],
+         setup=lambda ws: write(ws, "params.yaml", "pretrain:\n  steps: 5\npretrain:\n  steps: 6\n")),
+    Case("duplicate-nested-key", ["stage", "prepare"], ["params.yaml", "duplicate key 'steps' at line 3"],
+         setup=lambda ws: write(ws, "params.yaml", "pretrain:\n  steps: 5\n  steps: 6\n")),
     Case("file-target-without-path", ["stage", "prepare", "--set", "data.target=file"], "data.target_path"),
     # -- data files ---------------------------------------------------------------------------------
     Case("data-file-missing", ["stage", "prepare", *sets(target("missing.npy"))], ["missing.npy", "not found"]),
