@@ -96,13 +96,14 @@ FINISHED_RECORD = ".record.json"
 
 def _keep_finished(layout: Layout, name: str, fp: str, record: dict[str, Any]) -> None:
     """Keep a copy of the just-saved ``models/NAME`` (weights, card, loss history) and its record in
-    ``.rectflow/finished/`` until the next stage starts (:func:`begin_stage`): a crash later in the
+    ``.rectflow/finished/`` until another stage keeps something (:func:`claim_finished`): a crash later in the
     stage (reflow's next coupling round, distill's second student) then costs no retraining, also
     under ``dvc repro``, which deletes a stage's outputs before it reruns it."""
     import shutil
 
     from rectflow.io import atomic_write_json
 
+    claim_finished(layout)
     dest = layout.finished(name)
     dest.parent.mkdir(parents=True, exist_ok=True)
     for src, suffix in ((layout.model(name), ".safetensors"), (layout.model(name), ".json")):
@@ -145,17 +146,29 @@ def _restore_finished(layout: Layout, name: str, fp: str) -> dict[str, Any] | No
     return dict(marker["record"])
 
 
-def begin_stage(layout: Layout, stage: str) -> None:
-    """Make ``.rectflow/finished`` (what a stage keeps against a crash) the property of ``stage``.
+_STAGE: list[str] = []  # the stage this process runs (set by tasks.runner.run_stage)
 
-    What a stage keeps there (finished models, schedules, coupling rounds) outlives the stage: a
-    kill after the stage wrote its outputs but before DVC locked them (``dvc repro`` then deletes
-    the outputs and reruns the stage) must not cost a recomputation. It is dropped when another
-    stage starts: by then DVC has locked the stage that kept it (stages run in order)."""
+
+def begin_stage(stage: str) -> None:
+    """Name the stage this process runs; nothing is written (a stage that refuses its input must
+    leave the workspace as it was). :func:`claim_finished` uses it."""
+    _STAGE[:] = [stage]
+
+
+def claim_finished(layout: Layout) -> None:
+    """Make ``.rectflow/finished`` (what a stage keeps against a crash) the current stage's, just
+    before it keeps something there.
+
+    What a stage keeps (finished models, schedules, coupling rounds) outlives the stage: a kill after
+    the stage wrote its outputs but before DVC locked them (``dvc repro`` then deletes the outputs
+    and reruns the stage) must not cost a recomputation. It is dropped when another stage keeps
+    something: by then DVC has locked the stage that kept it (stages run in order). Until then a
+    kept entry is restored only by its own stage and fingerprint, so a stale one costs disk only."""
     import shutil
 
     from rectflow.io import atomic_write_bytes
 
+    stage = _STAGE[0] if _STAGE else "library"
     root = layout.root / ".rectflow" / "finished"
     owner = root / "STAGE"
     try:
@@ -212,6 +225,7 @@ def save_flow_schedule(p: Params, layout: Layout, name: str, dev: torch.device) 
 
     from rectflow.io import atomic_path, atomic_write_json
 
+    claim_finished(layout)
     keep = layout.finished(name)
     keep.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(keep.with_suffix(".schedule.json")) as tmp:

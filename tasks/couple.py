@@ -39,7 +39,7 @@ from rectflow.layout import Layout
 from rectflow.pairs import MANIFEST, ManifestError, check_manifest, shard_name, shard_rows, write_shard
 from rectflow.solvers import solve
 from rectflow.train import fingerprint
-from tasks._common import device, model_sha, teacher
+from tasks._common import claim_finished, device, model_sha, teacher
 from tasks.remote import RemoteRound, remote_round
 
 
@@ -389,11 +389,12 @@ def run_round(p: Params, layout: Layout, round_k: int, shard_executor: ShardExec
 
 def _keep_round(layout: Layout, round_k: int, final: Path) -> None:
     """Keep the published round in ``.rectflow/finished/round-K`` (hard links: no second copy of
-    the pairs) until the next stage starts (:func:`tasks._common.begin_stage`): if the stage is
+    the pairs) until another stage keeps something (:func:`tasks._common.claim_finished`): if the stage is
     killed before DVC locks it, ``dvc repro`` deletes ``data/couplings/round-K`` and reruns the
     stage, which then takes the round back instead of solving it again."""
     import os
 
+    claim_finished(layout)
     kept = layout.finished(f"round-{round_k}")
     tmp = kept.with_name(f".{kept.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -89,12 +89,9 @@ def run_stage(name: str, params: Path, overrides: list[str], root: Path = Path("
             return _run_under_torchrun(name, params, overrides, root, nproc)
         stack.enter_context(_process_group(cfg.dist_timeout))  # under torchrun: one process group per stage
         t0 = time.perf_counter()
-        if name != "resolve" and (not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0):
-            from tasks._common import begin_stage  # (resolve keeps nothing and reruns whenever params.yaml changes)
+        from tasks._common import begin_stage
 
-            begin_stage(layout, name)  # what another stage kept against a crash is locked by DVC now
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
+        begin_stage(name)  # what it keeps against a crash is its own (tasks._common.claim_finished)
         record = _run_module(module, name, p, layout, services)
         record = {"stage": name, "wall_seconds": round(time.perf_counter() - t0, 3)} | record
         if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:

@@ -227,7 +227,7 @@ def test_reflow_sigkill_in_its_coupling_then_rerun_does_not_retrain(trained, tmp
         assert sha(crashed / rel) == sha(solo / rel), rel
     losses = lambda ws: [(r["step"], r["loss"]) for r in csv.DictReader(open(ws / "plots/train/rf2.csv"))]  # noqa: E731
     assert losses(crashed) == losses(solo)  # the history restored too (samples/s is a timing)
-    # kept until the next stage starts (DVC has locked this one by then): see the test below
+    # kept until another stage keeps something (DVC has locked this one by then): see the test below
     assert (kept / "STAGE").read_text().strip() == "reflow" and (kept / "round-2" / "manifest.json").is_file()
 
 
@@ -236,7 +236,7 @@ def test_killed_after_the_stage_finished_but_before_dvc_locked_it(stage, trained
     """A kill after the stage wrote its outputs but before DVC locked them: ``dvc repro`` deletes the
     outputs and reruns the stage. The rerun takes back what the stage kept (models, schedules,
     coupling rounds) and computes nothing: no training step, no shard solved; the outputs are the
-    first run's, byte for byte. Another stage starting drops what was kept."""
+    first run's, byte for byte. Another stage keeping something drops what was kept."""
     ws = copy_ws(trained, tmp_path / "ws", "metrics")
     outs = {"couple": ["data/couplings/round-1"],
             "reflow": ["models/rf2.safetensors", "models/rf2.json", "models/rf2.schedule.json", "plots/train/rf2.csv",
