@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -123,6 +124,8 @@ def _restore_finished(layout: Layout, name: str, fp: str) -> dict[str, Any] | No
     from rectflow.io import file_sha256, read_json
 
     keep = layout.finished(name)
+    if _completed_and_present(layout, layout.model(name).with_suffix(".safetensors")):
+        return None
     try:
         marker = read_json(keep.with_suffix(FINISHED_RECORD))
         card = read_json(keep.with_suffix(".json"))
@@ -179,6 +182,26 @@ def claim_finished(layout: Layout) -> None:
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(owner, f"{stage}\n".encode())
+    (root / "COMPLETED").unlink(missing_ok=True)  # this run of the stage goes on with what it keeps
+
+
+def mark_completed(layout: Layout, stage: str) -> None:
+    """The stage ran to its end: what it kept now covers only the window before DVC locks it, in
+    which ``dvc repro`` deletes the outputs. A rerun restores a kept entry only where its output is
+    missing (:func:`_completed_and_present`); one whose outputs are there computes them again, as a
+    rerun should (reading and checking its inputs)."""
+    root = layout.root / ".rectflow" / "finished"
+    try:
+        if (root / "STAGE").read_text().strip() == stage:
+            (root / "COMPLETED").touch()
+    except OSError:
+        pass
+
+
+def _completed_and_present(layout: Layout, output: Path) -> bool:
+    """Whether the kept work is from a run of this stage that completed and ``output`` is still there."""
+    root = layout.root / ".rectflow" / "finished"
+    return (root / "COMPLETED").is_file() and output.is_file()
 
 
 SCHEDULE_SEED_OFFSET = 20_011  # the schedule's source draws: neither evaluation's nor a shard's noise
@@ -243,6 +266,8 @@ def _restore_finished_schedule(layout: Layout, name: str, settings: dict[str, An
     from rectflow.schedule import schedule_path
 
     keep = layout.finished(name)
+    if _completed_and_present(layout, schedule_path(layout.model(name))):
+        return None
     try:
         doc = read_json(keep.with_suffix(".schedule.json"))
         record = read_json(keep.with_suffix(".schedule.record.json"))

@@ -96,6 +96,9 @@ def run_stage(name: str, params: Path, overrides: list[str], root: Path = Path("
         record = {"stage": name, "wall_seconds": round(time.perf_counter() - t0, 3)} | record
         if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
             atomic_write_json(layout.stage_metrics(name), record)
+            from tasks._common import mark_completed
+
+            mark_completed(layout, name)
     return record
 
 
