@@ -199,7 +199,8 @@ def mark_completed(layout: Layout, stage: str) -> None:
 
 
 def _completed_and_present(layout: Layout, output: Path) -> bool:
-    """Whether the kept work is from a run of this stage that completed and ``output`` is still there."""
+    """Whether the stage that kept ``.rectflow/finished`` ran to its end and ``output`` is still there
+    (a kept entry is restored only by the stage that made it, its name and fingerprint checked)."""
     root = layout.root / ".rectflow" / "finished"
     return (root / "COMPLETED").is_file() and output.is_file()
 
