@@ -114,10 +114,11 @@ def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
     from rectflow.params import load_params
 
     p = _guard(load_params, params, set_ or [])  # bad input fails here, before Prefect starts
-    from flows.dvcfiles import check_dvc_lock
+    from flows.dvcfiles import check_dvc_lock, kept_dvc_lock
     from rectflow.preflight import check_writable, pipeline_paths
 
-    _guard(check_dvc_lock, Path.cwd())  # so is a dvc.lock that DVC could not read
+    if not kept_dvc_lock(Path.cwd()).is_file():  # else the flow puts the kept copy back, under the lock
+        _guard(check_dvc_lock, Path.cwd())  # so is a dvc.lock that DVC could not read
     _guard(check_writable, "rectflow run", pipeline_paths(p, Path.cwd()), Path.cwd())  # and an unwritable output
     if not verbose:
         _quiet()

@@ -13,7 +13,8 @@ from typing import Any
 from rectflow.config import ParamsError
 from rectflow.io import file_kind, require_file
 
-__all__ = ["LOCK_FIX", "DvcFileError", "check_dvc_lock", "dvc_file_refused"]
+__all__ = ["LOCK_FIX", "DvcFileError", "check_dvc_lock", "dvc_file_refused", "keep_dvc_lock", "kept_dvc_lock", "repair_dvc_lock",
+           "repair_rwlock"]
 
 
 class DvcFileError(ParamsError):
@@ -53,6 +54,89 @@ def check_dvc_lock(root: Path) -> None:
     problem = _lock_problem(doc)
     if problem:
         raise DvcFileError(f"dvc.lock: {problem}; {LOCK_FIX}")
+
+
+def keep_dvc_lock(root: Path) -> None:
+    """Keep a copy of ``dvc.lock`` as DVC left it after a stage (``.rectflow/dvc.lock``, replaced in
+    one rename): DVC rewrites ``dvc.lock`` in place, so a kill during that write leaves it torn, and
+    :func:`repair_dvc_lock` puts this copy back. Only a copy that :func:`check_dvc_lock` accepts is kept."""
+    import os
+
+    src, kept = Path(root) / "dvc.lock", kept_dvc_lock(root)
+    try:
+        check_dvc_lock(root)
+        data = src.read_bytes()
+    except (DvcFileError, OSError):
+        return
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    tmp = kept.with_name(f".{kept.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, kept)
+
+
+def repair_dvc_lock(root: Path) -> str | None:
+    """Put back the copy :func:`keep_dvc_lock` kept when ``dvc.lock`` is one DVC cannot read (a run
+    killed while DVC rewrote it), setting the damaged file aside as ``.rectflow/dvc.lock.damaged``;
+    the note to print, or None when there was nothing to repair (or no copy to repair it from: then
+    :func:`check_dvc_lock` refuses it). Call it under the workspace lock: another run's DVC may be
+    writing ``dvc.lock`` otherwise. DVC checks every hash the copy records, so a stage it lists whose
+    outputs changed since still runs again."""
+    import os
+
+    path, kept = Path(root) / "dvc.lock", kept_dvc_lock(root)
+    if file_kind(path) != "file" or file_kind(kept) != "file":
+        return None
+    try:
+        check_dvc_lock(root)
+        return None
+    except DvcFileError as e:
+        problem = str(e).split(";")[0]
+    damaged = kept.with_name("dvc.lock.damaged")
+    os.replace(path, damaged)
+    tmp = path.with_name(f".dvc.lock.{os.getpid()}.tmp")
+    tmp.write_bytes(kept.read_bytes())
+    os.replace(tmp, path)
+    return (f"{problem} (a run killed while DVC wrote it?): put back the copy kept after the last stage that "
+            f"finished; the damaged file is {damaged.relative_to(root)}")
+
+
+def repair_rwlock(root: Path) -> str | None:
+    """Remove DVC's table of stage locks (``.dvc/tmp/rwlock``) when it is not JSON: DVC rewrites it in
+    place around every stage, so a kill during that write leaves it torn, and DVC then refuses every
+    stage ("Unable to read RWLock-file"). Holding DVC's own guard of that table (``rwlock.lock``, an
+    flock) while checking, so no live DVC is writing it; the table only lists processes holding
+    locks, and under the workspace lock no DVC of this workspace's runs is alive. The note to print,
+    or None."""
+    import fcntl
+    import json
+
+    tmp = Path(root) / ".dvc" / "tmp"
+    path = tmp / "rwlock"
+    if file_kind(path) != "file":
+        return None
+    try:
+        guard = open(tmp / "rwlock.lock", "a")  # noqa: SIM115 - held across the check and the removal
+    except OSError:
+        return None
+    with guard:
+        try:
+            fcntl.flock(guard.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return None  # a live DVC holds it: not ours to touch
+        try:
+            json.loads(path.read_bytes().decode("utf-8"))
+            return None
+        except (ValueError, OSError):
+            pass
+        path.unlink(missing_ok=True)
+        return ".dvc/tmp/rwlock: DVC's table of stage locks was torn (a run killed while DVC wrote it?): removed it"
+
+
+def kept_dvc_lock(root: Path) -> Path:
+    """Where :func:`keep_dvc_lock` keeps its copy: ``.rectflow/dvc.lock``."""
+    from rectflow.layout import Layout
+
+    return Layout(Path(root)).state / "dvc.lock"
 
 
 def _lock_problem(doc: Any) -> str | None:

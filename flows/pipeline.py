@@ -40,7 +40,7 @@ from rectflow.params import load_params, load_yaml_text, resolve
 from rectflow.secrets import SplitError, install as install_redaction, redact_text, split_environment
 from rectflow.stages import STAGES, stage as stage_decl
 
-from flows.dvcfiles import LOCK_FIX, check_dvc_lock, dvc_file_refused
+from flows.dvcfiles import LOCK_FIX, check_dvc_lock, dvc_file_refused, keep_dvc_lock, repair_dvc_lock, repair_rwlock
 
 PARAMS_FILE = "params.yaml"
 
@@ -155,6 +155,7 @@ def dvc_repro(root: Path, stage: str, verbose: bool = False) -> bool:
             raise StageInputError(errors[-1])
         raise StageFailedError(f"stage {stage}: `dvc repro --single-item {stage}` exited with status "
                                f"{returncode} (its error is above)")
+    keep_dvc_lock(root)
     return ran
 
 
@@ -177,6 +178,9 @@ def _dvc_repro(root: Path, stage: str, verbose: bool, env: dict[str, str]) -> tu
         cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     from rectflow.guard import guarded
 
+    torn = repair_rwlock(root)  # a kill while DVC rewrote its table of stage locks: DVC refuses every stage
+    if torn:
+        sys.stderr.write(f"[rectflow] {torn}\n")
     # under the guard: DVC, the stage and whatever it starts end with this process, even on kill -9
     proc = subprocess.Popen(guarded(cmd), cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             stdin=subprocess.DEVNULL, bufsize=1, env=env)
@@ -282,6 +286,9 @@ def pipeline(params: Params = _defaults(), track: bool = True, overrides: list[s
     logger = get_run_logger()
     _venv_on_path()
     with workspace_lock(root, wait=True, timeout=settings().lock_timeout):
+        torn = repair_dvc_lock(root)  # a kill while DVC rewrote dvc.lock: the copy kept after the last stage
+        if torn:
+            _say(logger, torn)
         check_dvc_lock(root)  # before anything is written or tracked: DVC could not run any stage
         from rectflow.preflight import check_writable, pipeline_paths
 

@@ -25,17 +25,27 @@ class Layout:
     def round_dir(self, k: int) -> Path:
         return self.couplings / f"round-{k}"
 
+    @property
+    def state(self) -> Path:
+        """rectflow's own state in the workspace (never tracked by DVC or git): ``.rectflow``."""
+        return self.root / ".rectflow"
+
     def staging(self, what: str) -> Path:
         """In-progress work (resumable; never under a final name, never tracked by DVC)."""
-        return self.root / ".rectflow" / "staging" / what
+        return self.state / "staging" / what
+
+    @property
+    def kept(self) -> Path:
+        """Where finished work is kept against a crash until its stage completes: ``.rectflow/finished``."""
+        return self.state / "finished"
 
     def finished(self, name: str) -> Path:
         """Stem of a finished model's copy kept until its stage completes (never tracked by DVC,
         which deletes a stage's outputs before it reruns it): ``.rectflow/finished/NAME``."""
-        return self.root / ".rectflow" / "finished" / name
+        return self.kept / name
 
     def checkpoints(self, name: str) -> Path:
-        return self.root / ".rectflow" / "checkpoints" / name
+        return self.state / "checkpoints" / name
 
     @property
     def models(self) -> Path:

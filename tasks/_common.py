@@ -172,7 +172,7 @@ def claim_finished(layout: Layout) -> None:
     from rectflow.io import atomic_write_bytes
 
     stage = _STAGE[0] if _STAGE else "library"
-    root = layout.root / ".rectflow" / "finished"
+    root = layout.kept
     owner = root / "STAGE"
     try:
         current = owner.read_text().strip()
@@ -190,7 +190,7 @@ def mark_completed(layout: Layout, stage: str) -> None:
     which ``dvc repro`` deletes the outputs. A rerun restores a kept entry only where its output is
     missing (:func:`_completed_and_present`); one whose outputs are there computes them again, as a
     rerun should (reading and checking its inputs)."""
-    root = layout.root / ".rectflow" / "finished"
+    root = layout.kept
     try:
         if (root / "STAGE").read_text().strip() == stage:
             (root / "COMPLETED").touch()
@@ -201,7 +201,7 @@ def mark_completed(layout: Layout, stage: str) -> None:
 def _completed_and_present(layout: Layout, output: Path) -> bool:
     """Whether the stage that kept ``.rectflow/finished`` ran to its end and ``output`` is still there
     (a kept entry is restored only by the stage that made it, its name and fingerprint checked)."""
-    root = layout.root / ".rectflow" / "finished"
+    root = layout.kept
     return (root / "COMPLETED").is_file() and output.is_file()
 
 

@@ -35,6 +35,18 @@ def test_more_rounds_through_run_and_dvc_repro_then_a_second_task(tmp_path, pref
     assert "Data and pipelines are up to date" in dvc("status", cwd=ws).stdout
     again = rectflow("run", cwd=ws, **pe)
     assert again.returncode == 0 and _last_json(again.stdout)["executed"] == []
+    # a kill while DVC rewrote its files in place tears them: dvc.lock cut mid-line, the stage-lock
+    # table cut mid-JSON (the CI failure of 294baac). The next run puts the kept dvc.lock back, drops
+    # the table, says so in one line each, and runs nothing again.
+    lock = (ws / "dvc.lock").read_text()
+    (ws / "dvc.lock").write_text(lock[: lock.index("outs:", len(lock) // 2)] + "outs:\n    - path")
+    (ws / ".dvc" / "tmp" / "rwlock").write_text('{"read": {"data/prepared": [{"pid": 1, "cmd": "dvc re')
+    torn = rectflow("run", cwd=ws, **pe)
+    assert torn.returncode == 0 and _last_json(torn.stdout)["executed"] == [], torn.stderr[-3000:]
+    said = torn.stdout + torn.stderr
+    assert "dvc.lock: stages." in said and "put back the copy kept" in said, said[-3000:]
+    assert ".dvc/tmp/rwlock: DVC's table of stage locks was torn" in said, said[-3000:]
+    assert (ws / "dvc.lock").read_text() == lock and (ws / ".rectflow/dvc.lock.damaged").is_file()
     first = out["promotion"]
     # back to one round by editing params.yaml, then plain dvc repro: the resolve stage refuses the
     # stale dvc.yaml with one line naming the command; after it, dvc repro and dvc status are clean

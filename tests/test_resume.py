@@ -258,3 +258,46 @@ def test_killed_after_the_stage_finished_but_before_dvc_locked_it(stage, trained
     assert nxt.returncode == 0, nxt.stderr
     owner = (ws / ".rectflow/finished/STAGE").read_text().strip()
     assert owner != stage and not (ws / ".rectflow/finished" / f"round-{1 if stage == 'couple' else 2}").exists()
+
+
+# ---- DVC's files torn by a kill while DVC rewrote them in place ------------------------------------
+
+
+def test_a_torn_stage_lock_table_is_removed_only_when_no_live_dvc_guards_it(tmp_path):
+    import fcntl
+
+    from flows.dvcfiles import repair_rwlock
+
+    tmp = tmp_path / ".dvc" / "tmp"
+    tmp.mkdir(parents=True)
+    table = tmp / "rwlock"
+    assert repair_rwlock(tmp_path) is None  # none at all
+    table.write_text('{"read": {}, "write": {}}')
+    assert repair_rwlock(tmp_path) is None and table.is_file()  # a readable one is DVC's
+    table.write_text('{"read": {"data": [{"pid": 1, "cm')
+    with open(tmp / "rwlock.lock", "a") as guard:  # a live DVC is editing it: not touched
+        fcntl.flock(guard.fileno(), fcntl.LOCK_EX)
+        assert repair_rwlock(tmp_path) is None and table.is_file()
+    note = repair_rwlock(tmp_path)
+    assert note and "torn" in note and not table.exists()
+
+
+def test_a_torn_dvc_lock_gets_the_kept_copy_back_and_without_one_is_refused(tmp_path):
+    from flows.dvcfiles import DvcFileError, check_dvc_lock, keep_dvc_lock, repair_dvc_lock
+
+    good = 'schema: "2.0"\nstages:\n  prepare:\n    cmd: rectflow stage prepare\n    outs:\n    - path: data\n'
+    lock = tmp_path / "dvc.lock"
+    lock.write_text(good[:40])
+    assert repair_dvc_lock(tmp_path) is None  # no copy kept: the check refuses it, one line
+    with pytest.raises(DvcFileError, match="^dvc.lock: stages.prepare"):
+        check_dvc_lock(tmp_path)
+    keep_dvc_lock(tmp_path)  # an unreadable dvc.lock is never kept
+    assert not (tmp_path / ".rectflow" / "dvc.lock").exists()
+    lock.write_text(good)
+    keep_dvc_lock(tmp_path)
+    assert repair_dvc_lock(tmp_path) is None  # readable: nothing to repair
+    lock.write_text(good[:40])
+    note = repair_dvc_lock(tmp_path)
+    assert note and note.startswith("dvc.lock: stages.prepare") and lock.read_text() == good
+    assert (tmp_path / ".rectflow" / "dvc.lock.damaged").read_text() == good[:40]
+    check_dvc_lock(tmp_path)
