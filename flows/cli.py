@@ -116,10 +116,12 @@ def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
     p = _guard(load_params, params, set_ or [])  # bad input fails here, before Prefect starts
     from flows.dvcfiles import check_dvc_lock, kept_dvc_lock
     from rectflow.preflight import check_writable, pipeline_paths
+    from rectflow.stages import check_data_inputs
 
     if not kept_dvc_lock(Path.cwd()).is_file():  # else the flow puts the kept copy back, under the lock
         _guard(check_dvc_lock, Path.cwd())  # so is a dvc.lock that DVC could not read
     _guard(check_writable, "rectflow run", pipeline_paths(p, Path.cwd()), Path.cwd())  # and an unwritable output
+    _guard(check_data_inputs, p, Path.cwd())  # and data that is not there
     if not verbose:
         _quiet()
     from flows.prefect_server import prestart

@@ -293,6 +293,9 @@ def pipeline(params: Params = _defaults(), track: bool = True, overrides: list[s
         from rectflow.preflight import check_writable, pipeline_paths
 
         check_writable("rectflow run", pipeline_paths(params, root), root)
+        from rectflow.stages import check_data_inputs
+
+        check_data_inputs(params, root)
         path = root / PARAMS_FILE
         recorded = record_overrides(path, form_overrides(path, params) if overrides is None else overrides)
         if recorded:
@@ -325,7 +328,11 @@ def pipeline(params: Params = _defaults(), track: bool = True, overrides: list[s
                 results.append(stage_task(stage, str(root), parent, tracker_cfg, verbose))
             summary = json.loads(Layout(root).stage_metrics("evaluate").read_text())
             promotion = promote_task(str(root), parent, tracker_cfg, verbose) if tracker and parent else {}
+            data = data_status(root, "prepare" in [r["stage"] for r in results if r["executed"]])
+            if data["sides"]:
+                _say(logger, data["line"])
             if tracker and parent:
+                tracker.log_data(parent, data)
                 tracker.log_summary(parent, {k: v for k, v in summary.items() if isinstance(v, (int, float))})
                 tracker.end(parent)
         except BaseException:
@@ -333,9 +340,9 @@ def pipeline(params: Params = _defaults(), track: bool = True, overrides: list[s
                 tracker.end(parent, "FAILED")
             raise
         executed = [r["stage"] for r in results if r["executed"]]
-        _artifact(root, tracker, parent, executed, promotion)
+        _artifact(root, tracker, parent, executed, promotion, data["line"])
         return {"executed": executed, "skipped": [r["stage"] for r in results if not r["executed"]],
-                "mlflow_parent_run_id": parent, "promotion": promotion, "overrides": recorded}
+                "mlflow_parent_run_id": parent, "promotion": promotion, "overrides": recorded, "data": data["line"]}
 
 
 def _say(logger: Any, message: str) -> None:
@@ -353,7 +360,43 @@ def _venv_on_path() -> None:
         os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
 
 
-def _artifact(root: Path, tracker, parent: str | None, executed: list[str], promotion: dict[str, Any]) -> None:  # type: ignore[no-untyped-def]
+def data_status(root: Path, prepared: bool) -> dict[str, Any]:
+    """What this run's data was: ``{"line": …, "sides": {side: version record}}`` for the sides read
+    from the user's files (``meta.json``'s versions, prepare's record of the change). The line says
+    either that new data came (its version, the previous one and how far it moved) or that there was
+    none since version X, so a nightly run that ran nothing says why, never silently."""
+    layout = Layout(root)
+    meta = json.loads((layout.prepared / "meta.json").read_text())
+    try:
+        changes = json.loads(layout.stage_metrics("prepare").read_text()).get("data", {})
+    except (OSError, ValueError):
+        changes = {}
+    sides, parts = {}, []
+    for side in ("source", "target"):
+        version = meta.get(side, {}).get("version")
+        if not version:
+            continue
+        change = changes.get(side) or {}
+        sides[side] = {"path": version["path"], "version": version["digest"], "files": version["files"],
+                       "previous": change.get("previous"), "drift": change.get("drift")}
+        short = version["digest"][:12]
+        if prepared and change.get("previous") and change.get("previous") != version["digest"]:
+            drift = change.get("drift") or {}
+            moved = f"; W2 {drift['w2']:.4g}, MMD {drift['mmd']:.4g} from the previous version" if drift else ""
+            parts.append(f"data.{side}: new data, version {short} ({version['files']} file(s)) after "
+                         f"{change['previous'][:12]}{moved}")
+        elif prepared:
+            parts.append(f"data.{side}: version {short} ({version['files']} file(s)), prepared")
+        else:
+            parts.append(f"data.{side}: no new data since version {short} ({version['files']} file(s))")
+    if not sides:
+        kinds = ", ".join(f"{s} {meta.get(s, {}).get('kind', '?')}" for s in ("source", "target"))
+        parts.append(f"data: built in ({kinds}); its params are its version")
+    return {"line": "; ".join(parts), "sides": sides}
+
+
+def _artifact(root: Path, tracker, parent: str | None, executed: list[str], promotion: dict[str, Any],  # type: ignore[no-untyped-def]
+              data_line: str = "") -> None:
     rows = json.loads((Layout(root).metrics / "eval.json").read_text())["rows"]
     head = ("| model | solver | schedule | NFE | W2 | MMD | straightness | transport cost | latency ms/sample | FD |\n"
             "|---|---|---|---|---|---|---|---|---|---|\n")
@@ -379,7 +422,8 @@ def _artifact(root: Path, tracker, parent: str | None, executed: list[str], prom
     resolved = root / "params.resolved.yaml"
     params_md = (f"\n\n## Params (params.resolved.yaml)\n\n```yaml\n{resolved.read_text()}```\n"
                  if resolved.is_file() else "")
-    md = (f"# rectflow evaluation\n\nStages run: {', '.join(executed) or 'none (all up to date)'}\n\n{mlflow_line}"
+    md = (f"# rectflow evaluation\n\nStages run: {', '.join(executed) or 'none (all up to date)'}\n\n"
+          f"Data: {data_line}\n\n{mlflow_line}"
           f"{promo}{grid_line}\n\n{head}{body}{params_md}")
     create_markdown_artifact(markdown=redact_text(md), key="rectflow-evaluation",
                              description="Evaluation table of this pipeline run")

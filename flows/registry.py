@@ -243,6 +243,16 @@ def _registry_lines(verbose: bool):  # type: ignore[no-untyped-def]
     return contextlib.redirect_stderr(_DropLines(sys.stderr))
 
 
+def _version_with_sha(client, name: str, sha: str):  # type: ignore[no-untyped-def]
+    """The latest version of registered model ``name`` whose weights' sha256 tag is ``sha``, or None."""
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except Exception:  # noqa: BLE001 - no such model yet
+        return None
+    same = [v for v in versions if v.tags.get("sha256") == sha]
+    return max(same, key=lambda v: int(v.version)) if same else None
+
+
 def promote(tracker, root: Path, parent_run_id: str, verbose: bool = False) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     """Register ``models/distilled`` under its task's name and move ``champion`` only on merit.
 
@@ -283,6 +293,12 @@ def promote(tracker, root: Path, parent_run_id: str, verbose: bool = False) -> d
     champion = _alias(client, name, "champion")
     if champion is not None and champion.tags.get("sha256") == sha:
         return record("unchanged", champion.version, f"weights equal champion v{champion.version}")
+    same = _version_with_sha(client, name, sha)
+    if same is not None:  # registered before and not promoted then: the same model is the same challenger
+        prev = champion.tags.get(metric) if champion is not None else None
+        return record("challenger", same.version, f"weights equal v{same.version}, registered before; not "
+                      f"registered again (champion v{champion.version if champion else '–'} kept)",
+                      float(prev) if prev is not None else None)
     mlflow.set_tracking_uri(tracker.uri)
     import warnings
 

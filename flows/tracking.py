@@ -249,6 +249,22 @@ class Tracker:
         if ms:
             self.client.log_batch(run_id, metrics=ms)
 
+    def log_data(self, run_id: str, status: dict[str, Any]) -> None:
+        """The run's data: each user data set as an MLflow dataset input (name ``data.SIDE``, digest the
+        first 32 hex digits of its content version, source its path), and the one-line status
+        (``rectflow.data``: new data since version X, or none) as a tag."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = []
+        for side, v in status.get("sides", {}).items():
+            source = json.dumps({"uri": redact_text(str(Path(v["path"]).resolve()))})
+            inputs.append(DatasetInput(Dataset(f"data.{side}", v["version"][:32], "local", source),
+                                       [InputTag("mlflow.data.context", "training")]))
+            self.client.set_tag(run_id, f"rectflow.data.{side}.version", v["version"])
+        if inputs:
+            self.client.log_inputs(run_id, datasets=inputs)
+        self.client.set_tag(run_id, "rectflow.data", redact_text(status["line"])[:5000])
+
     def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 

@@ -88,9 +88,13 @@ class DataParams(Section):
     """π0 (``source``) and π1 (``target``): built-in names or ``file`` with a path (docs/contract.md)."""
 
     source: DataName = Field("gaussian", description="Source π0: gaussian, a built-in set, or file.")
-    source_path: str | None = Field(None, description="Parquet/.npy/.npz file when source is 'file'.")
+    source_path: str | None = Field(None, description="Parquet/.npy/.npz file, folder of Parquet files or of "
+                                    "images, when source is 'file'.")
     target: DataName = Field("moons", description="Target π1: a built-in set or file.")
-    target_path: str | None = Field(None, description="Parquet/.npy/.npz file when target is 'file'.")
+    target_path: str | None = Field(None, description="Parquet/.npy/.npz file, folder of Parquet files or of "
+                                    "images, when target is 'file'.")
+    id_column: str | None = Field(None, description="Parquet column naming each row of a file's data: the "
+                                  "train/test split hashes it instead of the row's values; not a dimension.")
     n_train: PosInt = Field(50_000, description="Samples drawn from a 2D generator for training.")
     n_test: PosInt = Field(5_000, description="Held-out samples (generators) used by evaluate.")
     test_fraction: Annotated[float, Field(gt=0, lt=1)] = Field(
@@ -401,7 +405,7 @@ def inception_missing(path: str | Path) -> str:
 
 
 def target_is_images(data: DataParams) -> bool:
-    """Whether π1 is (c, h, w) data: digits, an image folder, or a 4-D .npy/.npz array."""
+    """Whether π1 is (c, h, w) data: digits, a folder of images (not of Parquet files), or a 4-D .npy/.npz array."""
     if data.target == "digits":
         return True
     if data.target != "file" or not data.target_path:
@@ -410,8 +414,10 @@ def target_is_images(data: DataParams) -> bool:
     from rectflow.io import file_kind
 
     kind = file_kind(path)
-    if kind != "file":  # a folder of images; nothing, or a FIFO or device (never opened): prepare names it
-        return kind == "folder"
+    if kind == "folder":  # of images, unless it holds Parquet files (one table, read by rows)
+        return not any(p.suffix.lower() in (".parquet", ".pq") and not p.name.startswith(".") for p in path.iterdir())
+    if kind != "file":  # nothing, or a FIFO or device (never opened): prepare names it
+        return False
     try:
         if path.suffix.lower() == ".npy":
             import numpy as np

@@ -22,6 +22,7 @@ import torch
 
 from rectflow.errors import InputError
 from rectflow.io import require_file
+from rectflow.tables import PARQUET, parquet_files, read_parquet
 
 __all__ = [
     "DataError",
@@ -127,11 +128,12 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
 F32_MAX = float(np.finfo(np.float32).max)
 
 
-def check_array(x: np.ndarray, where: str, generated: bool = False) -> np.ndarray:
+def check_array(x: np.ndarray, where: str, generated: bool = False, row0: int = 0) -> np.ndarray:
     """``x`` as float32 ``(n, d)`` or ``(n, c, h, w)`` if it is a non-empty numeric array whose
     values are finite and fit in float32; else :class:`DataError` naming ``where`` and the first
     bad row. Loaded files and generated sets go through this same check; ``generated`` words the
-    message for a set that was drawn (``where`` then names the setting, e.g. ``data.noise``)."""
+    message for a set that was drawn (``where`` then names the setting, e.g. ``data.noise``). ``row0``:
+    the row number of ``x[0]`` in the file (a block of a file read in blocks)."""
     if x.dtype.kind not in "fiub":
         raise DataError(f"{where}: expected a numeric array, got dtype {x.dtype}")
     if x.ndim not in (2, 4):
@@ -144,13 +146,13 @@ def check_array(x: np.ndarray, where: str, generated: bool = False) -> np.ndarra
             finite = np.isfinite(rows).all(1)
             big = ~finite | (np.abs(rows) > F32_MAX).any(1) if x.dtype.itemsize > 4 else ~finite
             if big.any():
-                first = int(big.argmax())
+                first = int(big.argmax()) + row0
                 if generated:
                     top = float(np.nanmax(np.abs(rows))) if not np.isnan(rows).all() else float("nan")
                     raise DataError(f"{where} overflow float32 (|x| up to {top:.3g}, first in row {first}; "
                                     f"float32 holds at most {F32_MAX:.3g})")
                 if not finite.all():
-                    raise DataError(f"{where}: contains NaN or infinite values (first in row {int((~finite).argmax())})")
+                    raise DataError(f"{where}: contains NaN or infinite values (first in row {int((~finite).argmax()) + row0})")
                 top = float(np.abs(rows).max())
                 raise DataError(f"{where}: has values too large for float32 (|x| up to {top:.3g}, first in row "
                                 f"{first}; float32 holds at most {F32_MAX:.3g})")
@@ -160,13 +162,16 @@ def check_array(x: np.ndarray, where: str, generated: bool = False) -> np.ndarra
 def load_array_file(path: str | Path) -> np.ndarray:
     """A user's data file: Parquet (numeric columns are dimensions), ``.npy`` or ``.npz``.
 
-    Returns float32 of shape ``(n, d)`` or ``(n, c, h, w)``. A directory is read as a folder of
-    images (:func:`rectflow.imaging.load_image_folder`). Raises :class:`DataError` naming the file.
+    Returns float32 of shape ``(n, d)`` or ``(n, c, h, w)``. A directory is a folder of Parquet files
+    read as one table (:func:`rectflow.tables.read_parquet`) or else a folder of images
+    (:func:`rectflow.imaging.load_image_folder`). Raises :class:`DataError` naming the file.
     """
     p = Path(path)
     if require_file(p, DataError, f"{p}: data file not found", folder_ok=True) == "folder":
         from rectflow.imaging import load_image_folder
 
+        if parquet_files(p):  # a folder of Parquet files is one data set (one file per day, say)
+            return check_array(read_parquet(p)[0], str(p))
         try:
             return check_array(load_image_folder(p), str(p))
         except ValueError as e:
@@ -182,24 +187,8 @@ def load_array_file(path: str | Path) -> np.ndarray:
                     raise DataError(f"{p}: .npz holds no arrays")
                 key = next((k for k in ("x", "data", "arr_0") if k in keys), keys[0])
                 x = z[key]
-        elif suffix in (".parquet", ".pq"):
-            import pyarrow.parquet as pq
-            import pyarrow.types as pat
-
-            table = pq.read_table(p)
-            cols = [c for c, f in zip(table.column_names, table.schema) if pat.is_integer(f.type) or pat.is_floating(f.type)]
-            if not cols:
-                raise DataError(f"{p}: no numeric columns")
-            for c in cols:  # a null would silently become NaN (or turn an integer column into floats)
-                col = table.column(c)
-                if col.null_count:
-                    import pyarrow.compute as pc
-
-                    first = int(pc.index(pc.is_null(col), True).as_py())
-                    raise DataError(f"{p}: column {c!r} has {col.null_count} null value(s) (first in row {first}); "
-                                    "expected numbers in every row")
-            x = np.stack([table.column(c).to_numpy(zero_copy_only=False) for c in cols], 1) if table.num_rows \
-                else np.zeros((0, len(cols)), np.float32)
+        elif suffix in PARQUET:
+            x = read_parquet(p)[0]
         else:
             raise DataError(f"{p}: unsupported file type {suffix!r}; expected .parquet, .npy or .npz")
     except DataError:

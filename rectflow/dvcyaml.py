@@ -32,7 +32,7 @@ HEADER = """\
 
 def _entry(s: Stage, p: Params, root: Path) -> dict[str, Any]:
     code = closure(root, [s.module, RUNNER])
-    e: dict[str, Any] = {"cmd": s.command, "deps": [*code, *s.extra_code, *s.inputs(p)]}
+    e: dict[str, Any] = {"cmd": s.command, "deps": [*code, *s.extra_code, *(_dep(d, root) for d in s.inputs(p))]}
     e["params"] = [{"params.yaml": None}] if s.name == "resolve" else [{RESOLVED: list(s.params)}]
     for kind in ("outs", "metrics", "plots"):
         items: list[Any] = [o.path if o.cache else {o.path: {"cache": False}}
@@ -40,6 +40,17 @@ def _entry(s: Stage, p: Params, root: Path) -> dict[str, Any]:
         if items:
             e[kind] = items
     return e
+
+
+def _dep(path: str, root: Path) -> str:
+    """A dependency as DVC wants it: relative to the workspace when inside it, else absolute (an
+    external dependency, which DVC hashes all the same)."""
+    if not Path(path).is_absolute():
+        return Path(path).as_posix()
+    try:
+        return Path(path).resolve().relative_to(root).as_posix()
+    except ValueError:
+        return str(Path(path).resolve())
 
 
 def generate(p: Params, root: str | Path = ".") -> dict[str, Any]:

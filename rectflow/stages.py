@@ -17,12 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from rectflow.config import Params
 
 __all__ = [
-    "DDP_STAGES", "PIPELINE", "REGISTRY", "STAGES", "Out", "Stage", "flow_names", "last_flow", "stage",
+    "DDP_STAGES", "PIPELINE", "REGISTRY", "STAGES", "Out", "Stage", "check_data_inputs", "data_inputs", "flow_names", "last_flow", "stage",
     "student_names", "variant_names",
 ]
 
@@ -134,6 +135,27 @@ def _evaluate_inputs(p: Params) -> list[str]:
         f"models/{name}.safetensors" for name in variant_names(p)]
 
 
+def data_inputs(p: Params) -> list[str]:
+    """The user's data files or folders (``data.*_path`` of a ``file`` side): dependencies of prepare,
+    so DVC reruns the chain when they change (new rows, a new file in a folder)."""
+    paths = [getattr(p.data, f"{side}_path") for side in ("source", "target") if getattr(p.data, side) == "file"]
+    return list(dict.fromkeys(x for x in paths if x))
+
+
+def check_data_inputs(p: Params, root: Path) -> None:
+    """Each of :func:`data_inputs` is there (a file or a folder, not a FIFO): else DataError naming the
+    key and the path, before DVC, which would refuse the missing dependency in its own words."""
+    from rectflow.data import DataError
+    from rectflow.io import require_file
+
+    for side in ("source", "target"):
+        path = getattr(p.data, f"{side}_path")
+        if getattr(p.data, side) == "file" and path:
+            full = Path(path) if Path(path).is_absolute() else Path(root) / path
+            require_file(full, DataError, f"data.{side}_path: {path}: no such file or folder (was it removed?)",
+                         folder_ok=True)
+
+
 REGISTRY: tuple[Stage, ...] = (
     Stage(
         "resolve", "params.yaml over its profile and the built-in defaults, written once: params.resolved.yaml",
@@ -142,7 +164,7 @@ REGISTRY: tuple[Stage, ...] = (
     ),
     Stage(
         "prepare", "source and target data sets, split train/test, and the frozen FD feature network",
-        params=("seed", "data"), inputs=lambda p: [],
+        params=("seed", "data"), inputs=data_inputs,
         outputs=lambda p: [Out("data/prepared"), _metrics("prepare")],
     ),
     Stage(

@@ -153,6 +153,24 @@ def parquet(ws: Path, name: str, arr: np.ndarray) -> None:
     pq.write_table(pa.table({f"x{i}": arr[:, i] for i in range(arr.shape[1])}), ws / "inputs" / name)
 
 
+def parquet_days(ws: Path, *files: tuple[str, dict]) -> None:
+    """A folder of Parquet files ``inputs/days``: (name, columns) each."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (ws / "inputs" / "days").mkdir(parents=True, exist_ok=True)
+    for name, cols in files:
+        if name.endswith((".parquet", ".pq")):
+            pq.write_table(pa.table(cols), ws / "inputs" / "days" / name)
+        else:
+            (ws / "inputs" / "days" / name).write_text("x0,x1\n1,2\n")
+
+
+def _day(n: int, **extra) -> dict:
+    x = rng_rows(n, 2)
+    return {"x0": x[:, 0], "x1": x[:, 1]} | extra
+
+
 def parquet_nulls(ws: Path, name: str) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -345,6 +363,33 @@ CASES = [
          ["big.npz", "too large for float32"],
          setup=lambda ws: (ws / "inputs").mkdir() or np.savez(ws / "inputs" / "big.npz",
                                                              x=with_nan(rng_rows(50, 3).astype(np.float64), -1e39))),
+    # -- a folder of Parquet files is one data set (#19) -------------------------------------------------
+    Case("data-folder-columns-differ", ["stage", "prepare", *sets(target("days"))],
+         ["inputs/days/d2.parquet", "columns", "differ", "d1.parquet"],
+         setup=lambda ws: parquet_days(ws, ("d1.parquet", _day(100)), ("d2.parquet", {"x0": rng_rows(50, 1)[:, 0]}))),
+    Case("data-folder-column-types-differ", ["stage", "prepare", *sets(target("days"))],
+         ["inputs/days/d2.parquet", "x1:int64", "x1:float"],
+         setup=lambda ws: parquet_days(ws, ("d1.parquet", _day(100)),
+                                       ("d2.parquet", {"x0": rng_rows(50, 1)[:, 0], "x1": np.arange(50)}))),
+    Case("data-folder-empty-new-file", ["stage", "prepare", *sets(target("days"))],
+         ["inputs/days/d2.parquet", "no rows"],
+         setup=lambda ws: parquet_days(ws, ("d1.parquet", _day(100)), ("d2.parquet", _day(0)))),
+    Case("data-folder-not-only-parquet", ["stage", "prepare", *sets(target("days"))],
+         ["inputs/days/d2.csv", "not Parquet"],
+         setup=lambda ws: parquet_days(ws, ("d1.parquet", _day(100)), ("d2.csv", {}))),
+    Case("data-folder-null-in-a-later-file", ["stage", "prepare", *sets(target("days"))],
+         ["inputs/days/d2.parquet", "null", "row 3"],
+         setup=lambda ws: parquet_days(ws, ("d1.parquet", _day(100)), ("d2.parquet", {
+             "x0": [0.5, 1.0, 2.0, None, 1.0], "x1": [1.0, 2.0, 3.0, 4.0, 5.0]}))),
+    Case("data-id-column-missing", ["stage", "prepare", *sets([*target("days"), "data.id_column=uid"])],
+         ["inputs/days/d1.parquet", "'uid'", "data.id_column"],
+         setup=lambda ws: parquet_days(ws, ("d1.parquet", _day(100)))),
+    Case("data-id-column-null", ["stage", "prepare", *sets([*target("days"), "data.id_column=uid"])],
+         ["inputs/days/d1.parquet", "id column 'uid'", "null"],
+         setup=lambda ws: parquet_days(ws, ("d1.parquet", _day(3, uid=["a", None, "c"])))),
+    Case("data-id-column-not-parquet", ["stage", "prepare", *sets([*target("x.npy"), "data.id_column=uid"])],
+         ["data.id_column", "not Parquet"], setup=lambda ws: save_npy(ws, "x.npy", rng_rows(100, 2))),
+    Case("data-removed-run", ["run", *sets(target("days"))], ["data.target_path", "inputs/days", "removed"]),
     Case("data-file-parquet-null", ["stage", "prepare", *sets(target("null.parquet"))], ["null.parquet", "null", "row 17"],
          setup=lambda ws: parquet_nulls(ws, "null.parquet")),
     Case("data-file-one-row", ["stage", "prepare", *sets(target("one.npy"))], ["one.npy", "too few"],

@@ -1,0 +1,186 @@
+"""Data sets that grow: Parquet read as one table, split by a stable hash, named by a content version.
+
+- :func:`read_parquet`: one Parquet file, or a folder of them (one new file per day, say) read as one
+  data set. Files are read batch by batch into one preallocated ``float32`` array, so memory is the
+  data set plus one batch, flat in the number of files. Every file must have the first one's numeric
+  columns (names, and integer or floating type, in order) and at least one row.
+- :func:`hash_split`: train/test by a stable hash of each row (its float32 bytes, or its id), so a
+  row held out stays held out when rows are added, whatever their order or file.
+- :func:`data_version`: the content version of a data file or folder: sha256 over each file's name
+  and sha256 (rows removed or edited change it, as rows added do).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from rectflow.errors import InputError
+from rectflow.io import file_kind, file_sha256
+
+__all__ = ["PARQUET", "data_version", "hash_split", "parquet_files", "read_parquet", "row_hashes"]
+
+PARQUET = (".parquet", ".pq")
+
+
+def _error() -> type[InputError]:
+    from rectflow.data import DataError
+
+    return DataError
+
+
+def parquet_files(folder: Path) -> list[Path]:
+    """The Parquet files directly in ``folder`` (sorted by name; hidden files skipped), or [] when it
+    holds none (then it is read as a folder of images). A folder with Parquet files and other data
+    files is refused: which of them is the data set is not ours to guess."""
+    files = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and file_kind(p) == "file")
+    tables = [p for p in files if p.suffix.lower() in PARQUET]
+    if tables:
+        other = [p for p in files if p.suffix.lower() not in PARQUET]
+        if other:
+            raise _error()(f"{other[0]}: not Parquet, in a folder of Parquet files ({tables[0].name}, …); expected "
+                           "only .parquet files there")
+    return tables
+
+
+def _numeric(schema, id_column: str | None) -> list[tuple[str, str]]:  # type: ignore[no-untyped-def]
+    import pyarrow.types as pat
+
+    return [(f.name, str(f.type)) for f in schema
+            if f.name != id_column and (pat.is_integer(f.type) or pat.is_floating(f.type))]
+
+
+def read_parquet(path: Path, id_column: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Rows of one Parquet file or of every Parquet file in a folder as float32 ``(n, d)`` (numeric
+    columns are dimensions, in the file's order), and the ``id_column`` values (or None).
+
+    Raises DataError naming the file: no numeric columns, a null in a row, a file whose columns differ
+    from the first file's, a file with no rows, a missing id column or a null id."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from rectflow.data import check_array
+
+    err = _error()
+    files = parquet_files(path) if path.is_dir() else [path]
+    opened = []
+    for f in files:
+        try:
+            opened.append(pq.ParquetFile(f))
+        except Exception as e:  # noqa: BLE001 - a damaged file: name it, not the parser's internals
+            first = (str(e).splitlines() or [""])[0][:200]
+            raise err(f"{f}: cannot be read ({e.__class__.__name__}: {first})") from None
+    cols = _numeric(opened[0].schema_arrow, id_column)
+    if not cols:
+        raise err(f"{files[0]}: no numeric columns")
+    total = 0
+    for f, pf in zip(files, opened):
+        mine = _numeric(pf.schema_arrow, id_column)
+        if [(c, _kind(t)) for c, t in mine] != [(c, _kind(t)) for c, t in cols]:  # float32 beside float64 is fine
+            raise err(f"{f}: columns {_show(mine)} differ from {_show(cols)} of {files[0].name}; every file of the "
+                      "data set must have the same numeric columns")
+        if id_column is not None and id_column not in pf.schema_arrow.names:
+            raise err(f"{f}: no column {id_column!r} (data.id_column)")
+        if len(files) > 1 and pf.metadata.num_rows == 0:
+            raise err(f"{f}: no rows; expected at least one in every file of the data set")
+        total += pf.metadata.num_rows
+    names = [c for c, _ in cols]
+    out = np.empty((total, len(cols)), np.float32)
+    ids: list[np.ndarray] = []
+    at = 0
+    for f, pf in zip(files, opened):
+        row = 0
+        try:
+            batches = pf.iter_batches(batch_size=65536, columns=names + ([id_column] if id_column else []))
+            for batch in batches:
+                for c in names:
+                    col = batch.column(c)
+                    if col.null_count:  # a null would silently become NaN (or an integer column floats)
+                        first = row + int(pc.index(pc.is_null(col), True).as_py())
+                        raise err(f"{f}: column {c!r} has a null value (first in row {first}); expected numbers "
+                                  "in every row")
+                if len(batch):  # checked in the files' own types (a float64 too large for float32 is named)
+                    block = np.stack([batch.column(c).to_numpy(zero_copy_only=False) for c in names], 1)
+                    out[at: at + len(batch)] = check_array(block, str(f), row0=row)
+                if id_column:
+                    col = batch.column(id_column)
+                    if col.null_count:
+                        raise err(f"{f}: id column {id_column!r} has a null value; expected an id in every row")
+                    ids.append(np.asarray(col.to_pylist(), dtype=object))
+                at += len(batch)
+                row += len(batch)
+        except InputError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            first = (str(e).splitlines() or [""])[0][:200]
+            raise err(f"{f}: cannot be read ({e.__class__.__name__}: {first})") from None
+    return out[:at], (np.concatenate(ids) if id_column else None)
+
+
+def _kind(arrow_type: str) -> str:
+    return "float" if arrow_type in ("halffloat", "float", "double") or arrow_type.startswith("float") else "integer"
+
+
+def _show(cols: list[tuple[str, str]]) -> str:
+    text = ", ".join(f"{c}:{t}" for c, t in cols[:6])
+    return f"[{text}{', …' if len(cols) > 6 else ''}]"
+
+
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _mix(h: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, elementwise on uint64 (wrapping)."""
+    h = (h ^ (h >> np.uint64(30))) * _M1
+    h = (h ^ (h >> np.uint64(27))) * _M2
+    return h ^ (h >> np.uint64(31))
+
+
+def row_hashes(x: np.ndarray, seed: int, ids: np.ndarray | None = None) -> np.ndarray:
+    """A uint64 per row: of its id when ``ids`` is given (text of each id, blake2b), else of its values'
+    float32 bytes (little-endian), salted by ``seed``. The same row gives the same hash in any file,
+    order or machine."""
+    with np.errstate(over="ignore"):
+        h = np.full(len(x), np.uint64(seed & 0xFFFFFFFFFFFFFFFF) ^ np.uint64(0x9E3779B97F4A7C15), np.uint64)
+        if ids is not None:
+            words = np.array([int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8).digest(), "little")
+                              for i in ids], dtype=np.uint64)
+            return _mix(h ^ _mix(words))
+        rows = np.ascontiguousarray(x.reshape(len(x), -1), dtype="<f4").view("<u4").astype(np.uint64)
+        for j in range(rows.shape[1]):
+            h = _mix(h ^ rows[:, j] ^ (np.uint64(j) << np.uint64(32)))
+        return h
+
+
+def hash_split(x: np.ndarray, test_fraction: float, seed: int, where: str,
+               ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) rows of ``x`` in their order: a row is held out when its hash, as a fraction of
+    2**64, is below ``test_fraction``. Adding rows never moves a row between the splits. At least one
+    row goes to each side (by hash rank, when the fraction alone gives none), so two rows are the fewest."""
+    n = len(x)
+    if n < 2:
+        raise _error()(f"{where}: {n} row(s) are too few to split by data.test_fraction={test_fraction} "
+                       "(expected at least 2)")
+    h = row_hashes(x, seed, ids)
+    test = h < np.uint64(min(int(test_fraction * 2.0**64), 2**64 - 1))
+    if not test.any():
+        test[int(np.argmin(h))] = True
+    if test.all():
+        test[int(np.argmax(h))] = False
+    return x[~test], x[test]
+
+
+def data_version(path: Path) -> dict:
+    """{"digest": sha256 over the data's files, "files": n}: a file's own sha256, or for a folder sha256
+    over each file's "name sha256" line (sorted by name), so it changes when a file is added, removed
+    or edited."""
+    if not path.is_dir():
+        return {"digest": file_sha256(path), "files": 1}
+    from rectflow.imaging import IMAGE_SUFFIXES
+
+    files = parquet_files(path) or sorted(p for p in path.iterdir() if not p.name.startswith(".")
+                                          and p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    lines = "".join(f"{p.name} {file_sha256(p)}\n" for p in files)
+    return {"digest": hashlib.sha256(lines.encode()).hexdigest(), "files": len(files)}
