@@ -325,6 +325,8 @@ def pipeline(params: Params = _defaults(), track: bool = True, overrides: list[s
         results = []
         try:
             for stage in STAGES:
+                if stage == "pretrain" and p.schedule.on_new_data == "finetune":
+                    _warm_start(root, tracker, any(r["executed"] for r in results if r["stage"] == "prepare"), logger)
                 results.append(stage_task(stage, str(root), parent, tracker_cfg, verbose))
             summary = json.loads(Layout(root).stage_metrics("evaluate").read_text())
             promotion = promote_task(str(root), parent, tracker_cfg, verbose) if tracker and parent else {}
@@ -358,6 +360,27 @@ def _venv_on_path() -> None:
     bindir = str(Path(sys.executable).parent)
     if bindir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+
+
+def _warm_start(root: Path, tracker, prepared: bool, logger) -> None:  # type: ignore[no-untyped-def]
+    """``schedule.on_new_data: finetune``: when prepare found a new version of the user's data, put
+    the champion's flow where pretrain starts from (:func:`flows.registry.fetch_champion_flow`);
+    otherwise leave what is there (pretrain only uses it for the data version it was fetched for)."""
+    from rectflow.data import data_version_key, prepared_meta
+
+    status = data_status(root, prepared)
+    if not any(v["previous"] and v["previous"] != v["version"] for v in status["sides"].values()) or not prepared:
+        return
+    version = data_version_key(prepared_meta(Layout(root).prepared))
+    if not tracker:
+        _say(logger, "schedule.on_new_data=finetune: tracking is off, so there is no champion to start from; rf1 "
+             "trains from scratch")
+        return
+    from flows.registry import fetch_champion_flow
+
+    label = fetch_champion_flow(tracker, root, version or "")
+    _say(logger, f"new data: rf1 fine-tunes {label}'s flow" if label else
+         "new data: this task has no champion with a logged flow yet; rf1 trains from scratch")
 
 
 def data_status(root: Path, prepared: bool) -> dict[str, Any]:

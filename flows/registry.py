@@ -253,6 +253,41 @@ def _version_with_sha(client, name: str, sha: str):  # type: ignore[no-untyped-d
     return max(same, key=lambda v: int(v.version)) if same else None
 
 
+def fetch_champion_flow(tracker, root: Path, for_version: str) -> str | None:  # type: ignore[no-untyped-def]
+    """Put the flow (rf1) of this task's champion into ``.rectflow/warm`` for data version
+    ``for_version``, for a fine-tuning pretrain (``schedule.on_new_data: finetune``): the weights and
+    card its pretrain run logged, and ``warm.json``. Returns ``"NAME vN"``, or None (and
+    ``.rectflow/warm`` emptied) when the task has no champion or its run logged no flow."""
+    import shutil
+    import tempfile
+
+    p, client = tracker.p, tracker.client
+    layout = Layout(root)
+    spec = task_spec(p, layout)
+    name = registered_name(p, spec)
+    shutil.rmtree(layout.warm, ignore_errors=True)
+    champion = _alias(client, name, "champion")
+    if champion is None or champion.tags.get(TASK_KEY_TAG) != task_key(spec):
+        return None
+    parent = champion.tags.get("mlflow.parent_run_id") or champion.run_id
+    runs = client.search_runs([tracker.experiment_id], f"tags.mlflow.parentRunId = '{parent}' and "
+                              "tags.`rectflow.stage` = 'pretrain'", max_results=1)
+    if not runs:
+        return None
+    layout.state.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=layout.state, prefix=".warm-") as tmp:
+        try:
+            got = Path(client.download_artifacts(runs[0].info.run_id, "models/rf1", tmp))
+        except Exception:  # noqa: BLE001 - the run logged no flow (tracking was partial)
+            return None
+        if not (got / "rf1.safetensors").is_file() or not (got / "rf1.json").is_file():
+            return None
+        label = f"{name} v{champion.version}"
+        (got / "warm.json").write_text(json.dumps({"for_version": for_version, "champion": label}))
+        got.rename(layout.warm)
+    return label
+
+
 def promote(tracker, root: Path, parent_run_id: str, verbose: bool = False) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     """Register ``models/distilled`` under its task's name and move ``champion`` only on merit.
 

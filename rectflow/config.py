@@ -356,6 +356,12 @@ class StorageParams(Section):
 class ScheduleParams(Section):
     cron: str = Field("0 2 * * *", description="Nightly retraining schedule (cron).")
     timezone: str = "UTC"
+    on_new_data: Literal["retrain", "finetune"] = Field(
+        "retrain", description="When a run finds a new version of the user's data: retrain from scratch, or "
+        "finetune: pretrain starts from the flow (rf1) of this task's champion, for schedule.finetune_steps, "
+        "and couple, reflow and distill follow as always.")
+    finetune_steps: PosInt | None = Field(
+        None, description="Pretrain steps when fine-tuning; None: a quarter of pretrain.steps.")
 
 
 class Params(Section):

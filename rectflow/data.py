@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rectflow.errors import InputError
+from rectflow.arrays import DataError, check_array
 from rectflow.io import require_file
 from rectflow.tables import PARQUET, parquet_files, read_parquet
 
@@ -34,10 +34,6 @@ __all__ = [
     "make_split",
     "GENERATORS",
 ]
-
-
-class DataError(InputError, ValueError):
-    """Bad data: the message names the file or data set and what was expected."""
 
 
 def _rng(seed: int, name: str) -> np.random.Generator:
@@ -123,40 +119,6 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
     d = _load()
     x = (d.images.astype(np.float32) / 8.0 - 1.0)[:, None]  # pixel values 0..16
     return x, d.target.astype(np.int64)
-
-
-F32_MAX = float(np.finfo(np.float32).max)
-
-
-def check_array(x: np.ndarray, where: str, generated: bool = False, row0: int = 0) -> np.ndarray:
-    """``x`` as float32 ``(n, d)`` or ``(n, c, h, w)`` if it is a non-empty numeric array whose
-    values are finite and fit in float32; else :class:`DataError` naming ``where`` and the first
-    bad row. Loaded files and generated sets go through this same check; ``generated`` words the
-    message for a set that was drawn (``where`` then names the setting, e.g. ``data.noise``). ``row0``:
-    the row number of ``x[0]`` in the file (a block of a file read in blocks)."""
-    if x.dtype.kind not in "fiub":
-        raise DataError(f"{where}: expected a numeric array, got dtype {x.dtype}")
-    if x.ndim not in (2, 4):
-        raise DataError(f"{where}: expected shape (n, d) or (n, c, h, w), got {tuple(x.shape)}")
-    if x.shape[0] == 0 or x.size == 0:
-        raise DataError(f"{where}: is empty")
-    if x.dtype.kind == "f":
-        with np.errstate(all="ignore"):  # no numpy warning on stderr: the message below says it
-            rows = x.reshape(len(x), -1)
-            finite = np.isfinite(rows).all(1)
-            big = ~finite | (np.abs(rows) > F32_MAX).any(1) if x.dtype.itemsize > 4 else ~finite
-            if big.any():
-                first = int(big.argmax()) + row0
-                if generated:
-                    top = float(np.nanmax(np.abs(rows))) if not np.isnan(rows).all() else float("nan")
-                    raise DataError(f"{where} overflow float32 (|x| up to {top:.3g}, first in row {first}; "
-                                    f"float32 holds at most {F32_MAX:.3g})")
-                if not finite.all():
-                    raise DataError(f"{where}: contains NaN or infinite values (first in row {int((~finite).argmax()) + row0})")
-                top = float(np.abs(rows).max())
-                raise DataError(f"{where}: has values too large for float32 (|x| up to {top:.3g}, first in row "
-                                f"{first}; float32 holds at most {F32_MAX:.3g})")
-    return x.astype(np.float32, copy=False)
 
 
 def load_array_file(path: str | Path) -> np.ndarray:
@@ -256,6 +218,14 @@ def prepared_meta(prepared: Path) -> dict:
     except (OSError, ValueError, KeyError, TypeError):
         raise DataError(f"{path}: not a valid prepare record; rerun the prepare stage") from None
     return meta
+
+
+def data_version_key(meta: dict) -> str | None:
+    """The content versions of the user's data in a prepare record (``meta.json``), as one string
+    (``source=…;target=…``); None when both sides are built in (their params are their version)."""
+    parts = [f"{side}={meta[side]['version']['digest']}" for side in ("source", "target")
+             if isinstance(meta.get(side), dict) and meta[side].get("version")]
+    return ";".join(parts) or None
 
 
 def load_prepared(prepared: Path, side: str, split: str) -> Distribution:

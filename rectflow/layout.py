@@ -35,6 +35,12 @@ class Layout:
         return self.state / "staging" / what
 
     @property
+    def warm(self) -> Path:
+        """The flow a fine-tuning pretrain starts from (``rf1.safetensors``, ``rf1.json``, ``warm.json``
+        naming the champion and the data version it is for): ``.rectflow/warm``."""
+        return self.state / "warm"
+
+    @property
     def kept(self) -> Path:
         """Where finished work is kept against a crash until its stage completes: ``.rectflow/finished``."""
         return self.state / "finished"

@@ -152,8 +152,11 @@ def check_data_inputs(p: Params, root: Path) -> None:
         path = getattr(p.data, f"{side}_path")
         if getattr(p.data, side) == "file" and path:
             full = Path(path) if Path(path).is_absolute() else Path(root) / path
-            require_file(full, DataError, f"data.{side}_path: {path}: no such file or folder (was it removed?)",
-                         folder_ok=True)
+            try:
+                require_file(full, DataError, f"data.{side}_path: {path}: no such file or folder (was it removed?)",
+                             folder_ok=True)
+            except DataError as e:  # named as the user gave it
+                raise DataError(str(e).replace(str(full), str(path))) from None
 
 
 REGISTRY: tuple[Stage, ...] = (
@@ -169,7 +172,8 @@ REGISTRY: tuple[Stage, ...] = (
     ),
     Stage(
         "pretrain", "1-rectified flow rf1 on independent pairs, with its BOSS step schedules",
-        params=("seed", "data.hflip", "model", "pretrain", "bellman"), inputs=lambda p: ["data/prepared"],
+        params=("seed", "data.hflip", "model", "pretrain", "bellman", "schedule.on_new_data", "schedule.finetune_steps"),
+        inputs=lambda p: ["data/prepared"],
         outputs=lambda p: [*(Out(f) for f in _model("rf1", schedule=True)), _history("rf1"), _metrics("pretrain")],
         ddp=True,
     ),

@@ -17,18 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
+from rectflow.arrays import DataError, check_array
 from rectflow.errors import InputError
 from rectflow.io import file_kind, file_sha256
 
-__all__ = ["PARQUET", "data_version", "hash_split", "parquet_files", "read_parquet", "row_hashes"]
+__all__ = ["PARQUET", "data_version", "hash_split", "held_out", "parquet_files", "read_parquet", "row_hashes"]
 
 PARQUET = (".parquet", ".pq")
-
-
-def _error() -> type[InputError]:
-    from rectflow.data import DataError
-
-    return DataError
 
 
 def parquet_files(folder: Path) -> list[Path]:
@@ -40,7 +35,7 @@ def parquet_files(folder: Path) -> list[Path]:
     if tables:
         other = [p for p in files if p.suffix.lower() not in PARQUET]
         if other:
-            raise _error()(f"{other[0]}: not Parquet, in a folder of Parquet files ({tables[0].name}, …); expected "
+            raise DataError(f"{other[0]}: not Parquet, in a folder of Parquet files ({tables[0].name}, …); expected "
                            "only .parquet files there")
     return tables
 
@@ -61,9 +56,7 @@ def read_parquet(path: Path, id_column: str | None = None) -> tuple[np.ndarray, 
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from rectflow.data import check_array
-
-    err = _error()
+    err = DataError
     files = parquet_files(path) if path.is_dir() else [path]
     opened = []
     for f in files:
@@ -161,15 +154,21 @@ def hash_split(x: np.ndarray, test_fraction: float, seed: int, where: str,
     row goes to each side (by hash rank, when the fraction alone gives none), so two rows are the fewest."""
     n = len(x)
     if n < 2:
-        raise _error()(f"{where}: {n} row(s) are too few to split by data.test_fraction={test_fraction} "
+        raise DataError(f"{where}: {n} row(s) are too few to split by data.test_fraction={test_fraction} "
                        "(expected at least 2)")
+    test = held_out(x, test_fraction, seed, ids)
+    return x[~test], x[test]
+
+
+def held_out(x: np.ndarray, test_fraction: float, seed: int, ids: np.ndarray | None = None) -> np.ndarray:
+    """The bool mask ``(n,)`` of the rows :func:`hash_split` holds out (``n`` ≥ 2)."""
     h = row_hashes(x, seed, ids)
     test = h < np.uint64(min(int(test_fraction * 2.0**64), 2**64 - 1))
     if not test.any():
         test[int(np.argmin(h))] = True
     if test.all():
         test[int(np.argmax(h))] = False
-    return x[~test], x[test]
+    return test
 
 
 def data_version(path: Path) -> dict:

@@ -639,26 +639,27 @@ def test_nan_loss_mid_run_keeps_the_last_good_checkpoint(tmp_path):
     step, leaving the checkpoint of step 50 untouched; a rerun resumes from it and stops again."""
     import torch
 
-    from rectflow.data import Distribution, make_split
+    from rectflow.data import Distribution
     from rectflow.sources import IndependentPairs
+    from rectflow.tables import held_out
 
     n, seed, batch = 20_000, 0, 256
     x = rng_rows(n, 2)
-    train, _ = make_split(x, 0.1, seed)
-    perm = np.random.default_rng(seed).permutation(n)
-    n_test = n - len(train)
-    assert np.array_equal(train, x[perm[n_test:]])
+    train_rows = np.flatnonzero(~held_out(x, 0.1, seed))  # a file's split: by each row's hash
     # The same draws as the stage's sampler, on a stand-in target whose rows are their own indices.
-    index_rows = torch.arange(len(train), dtype=torch.float32)[:, None].repeat(1, 2)
+    index_rows = torch.arange(len(train_rows), dtype=torch.float32)[:, None].repeat(1, 2)
     pairs = IndependentPairs(Distribution((2,)), Distribution((2,), index_rows), seed)
     first: dict[int, int] = {}
     for step in range(100):
         _, x1 = pairs.next_batch(batch)
         for i in x1[:, 0].long().tolist():
             first.setdefault(i, step)
-    row = min((i for i, s in first.items() if 55 <= s <= 95), key=lambda i: first[i])
-    bad_step = first[row] + 1  # 1-based, as the stage counts
-    x[perm[n_test + row]] = 3e19  # finite in float32; its square is not
+    for row in sorted((i for i, s in first.items() if 55 <= s <= 95), key=lambda i: first[i]):
+        planted = x.copy()
+        planted[train_rows[row]] = 3e19  # finite in float32; its square is not
+        if not held_out(planted, 0.1, seed)[train_rows[row]]:  # its new hash keeps it in training
+            break
+    x, bad_step = planted, first[row] + 1  # 1-based, as the stage counts
     ws = tmp_path
     shutil.copy(ROOT / "params.yaml", ws / "params.yaml")
     (ws / "inputs").mkdir()
@@ -858,19 +859,20 @@ def test_run_with_a_dvc_lock_dvc_refuses_is_one_line_and_not_retried(tmp_path):
 # ---- rectflow run exits as its stage did: 2 for bad input, 1 for a failure (DVC says only 'failed') ---
 
 
-@pytest.mark.parametrize("case", ["nan-loss", "data-fifo"])
+@pytest.mark.parametrize("case", ["nan-loss", "data-nan"])
 def test_run_exits_with_the_status_of_the_stage_that_stopped_it(case: str, tmp_path, tiny_overrides):
-    """A NaN loss in pretrain is a failure (exit 1), a FIFO as the data file is bad input (exit 2),
+    """A NaN loss in pretrain is a failure (exit 1), a NaN in the data file is bad input (exit 2),
     although DVC exits 1 for both: the stage reports its status to the flow. Neither is retried,
-    and each ends with exactly the stage's own line."""
+    and each ends with exactly the stage's own line. (A FIFO as the data file no longer reaches a
+    stage: ``rectflow run`` refuses it before Prefect starts, as a missing one.)"""
     from tests.workspace import clone_workspace, rectflow
 
     ws = clone_workspace(tmp_path / "ws", tiny_overrides)
     if case == "nan-loss":
         extra, code, words = ["pretrain.lr=1e30"], 1, "loss became NaN or infinite at step"
     else:
-        fifo(ws, "inputs/pipe.npy")
-        extra, code, words = ["data.target=file", "data.target_path=inputs/pipe.npy"], 2, "named pipe (FIFO)"
+        save_npy(ws, "nan.npy", with_nan(rng_rows(100, 2), float("nan")))
+        extra, code, words = ["data.target=file", "data.target_path=inputs/nan.npy"], 2, "contains NaN"
     r = rectflow("run", *sets(extra), cwd=ws, timeout=400, RECTFLOW_THREADS="1")
     assert r.returncode == code, r.stderr[-3000:]
     errors = [line for line in r.stderr.splitlines() if line.startswith("rectflow: error:")]

@@ -200,3 +200,36 @@ def test_nightly_retrains_on_new_data_and_says_when_there_is_none(tmp_path, pref
     assert parent3.data.tags["rectflow.data"].startswith(f"data.target: no new data since version {v2[:12]}")
     _, children2 = _parent(ws, second)
     assert children2["prepare"].data.metrics["data/target/drift/w2"] > 0.3  # the new day is shifted by 1
+
+
+@pytest.mark.slow
+def test_finetune_starts_pretrain_from_the_champions_flow_only_on_new_data(tmp_path):
+    from tests.conftest import TINY
+    from tests.workspace import rectflow
+
+    ws = clone_workspace(tmp_path / "ws", [*TINY, "data.target=file", "data.target_path=inputs/days",
+                                           "schedule.on_new_data=finetune", "schedule.finetune_steps=40"])
+    rng = np.random.default_rng(1)
+    write_day(ws / "inputs" / "days", "d1.parquet", rng.normal(size=(3_000, 2)))
+
+    def run(*sets: str) -> dict:
+        r = rectflow("run", *[a for s in sets for a in ("--set", s)], cwd=ws, timeout=900, RECTFLOW_THREADS="1")
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    first = run()  # no champion yet: from scratch
+    card1 = json.loads((ws / "models" / "rf1.json").read_text())
+    assert "warm_start" not in card1["meta"] and card1["meta"]["train"]["steps"] == 150
+    champion = f"{first['promotion']['registered_model']} v{first['promotion']['version']}"
+    write_day(ws / "inputs" / "days", "d2.parquet", rng.normal(size=(1_000, 2)) + 1.0)
+    run()
+    card2 = json.loads((ws / "models" / "rf1.json").read_text())
+    warm = card2["meta"]["warm_start"]
+    assert warm["champion"] == champion and warm["sha256"] == card1["meta"]["sha256"]
+    assert card2["meta"]["train"]["steps"] == 40 and card2["meta"]["inputs"]["warm_start"] == warm["sha256"]
+    # params changed, data not: pretrain reruns, from the same champion's flow (kept for this data
+    # version: rf1 is a function of that flow, the data and the params), not from whatever is champion now
+    again = run("pretrain.lr=0.002")
+    assert "pretrain" in again["executed"] and "prepare" not in again["executed"]
+    card3 = json.loads((ws / "models" / "rf1.json").read_text())
+    assert card3["meta"]["train"]["steps"] == 40  # still that data version: still the fine-tune of its champion
