@@ -46,6 +46,8 @@ def _side_spec(kind: str, path: str | None, noise: float | None, root: Path) -> 
         return {"kind": kind, "noise": noise}
     if kind == "file":
         assert path is not None  # DataParams requires it
+        if "://" in path:  # s3://BUCKET/PREFIX names itself
+            return {"kind": "file", "path": path}
         f = Path(path).expanduser()
         return {"kind": "file", "path": str((f if f.is_absolute() else root / f).resolve())}
     return {"kind": kind}  # digits: a fixed, bundled data set

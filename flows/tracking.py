@@ -257,8 +257,9 @@ class Tracker:
 
         inputs = []
         for side, v in status.get("sides", {}).items():
-            source = json.dumps({"uri": redact_text(str(Path(v["path"]).resolve()))})
-            inputs.append(DatasetInput(Dataset(f"data.{side}", v["version"][:32], "local", source),
+            remote = "://" in v["path"]
+            source = json.dumps({"uri": redact_text(v["path"] if remote else str(Path(v["path"]).resolve()))})
+            inputs.append(DatasetInput(Dataset(f"data.{side}", v["version"][:32], "s3" if remote else "local", source),
                                        [InputTag("mlflow.data.context", "training")]))
             self.client.set_tag(run_id, f"rectflow.data.{side}.version", v["version"])
         if inputs:

@@ -45,6 +45,8 @@ def _entry(s: Stage, p: Params, root: Path) -> dict[str, Any]:
 def _dep(path: str, root: Path) -> str:
     """A dependency as DVC wants it: relative to the workspace when inside it, else absolute (an
     external dependency, which DVC hashes all the same)."""
+    if "://" in path:  # s3://… : an external dependency DVC hashes through its S3 support
+        return path
     if not Path(path).is_absolute():
         return Path(path).as_posix()
     try:

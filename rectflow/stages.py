@@ -143,14 +143,19 @@ def data_inputs(p: Params) -> list[str]:
 
 
 def check_data_inputs(p: Params, root: Path) -> None:
-    """Each of :func:`data_inputs` is there (a file or a folder, not a FIFO): else DataError naming the
-    key and the path, before DVC, which would refuse the missing dependency in its own words."""
+    """Each of :func:`data_inputs` is there (a file or a folder, not a FIFO; an ``s3://`` URL with at
+    least one Parquet object): else DataError (StorageError) naming the key or URL, before DVC,
+    which would refuse the missing dependency in its own words."""
     from rectflow.data import DataError
     from rectflow.io import require_file
 
     for side in ("source", "target"):
         path = getattr(p.data, f"{side}_path")
-        if getattr(p.data, side) == "file" and path:
+        if getattr(p.data, side) == "file" and path and str(path).startswith("s3://"):
+            from rectflow.storage import s3_data_objects
+
+            s3_data_objects(str(path), p.storage)  # StorageError: the prefix holds no Parquet object
+        elif getattr(p.data, side) == "file" and path:
             full = Path(path) if Path(path).is_absolute() else Path(root) / path
             try:
                 require_file(full, DataError, f"data.{side}_path: {path}: no such file or folder (was it removed?)",

@@ -658,3 +658,69 @@ def pyarrow_filesystem(settings: StorageSettings) -> pyarrow.fs.S3FileSystem:
         kwargs["endpoint_override"] = parts.netloc + parts.path.rstrip("/")
         kwargs["scheme"] = parts.scheme or "https"
     return fs.S3FileSystem(**kwargs)
+
+
+# ---- a user's data under an S3 prefix -------------------------------------------------------------
+
+
+def is_s3_url(path: str | Path) -> bool:
+    return str(path).startswith("s3://")
+
+
+def s3_data_objects(url: str, params: StorageParams | None = None) -> tuple[S3Store, list[dict[str, Any]]]:
+    """The Parquet objects a data URL names: ``s3://BUCKET/KEY.parquet`` (one object) or
+    ``s3://BUCKET/PREFIX`` (every ``.parquet``/``.pq`` object under ``PREFIX/``, sorted by key), each
+    ``{"key", "size", "etag"}``; the endpoint and its settings are the storage settings'
+    (``storage.*``, ``RECTFLOW_S3_*``), the bucket is the URL's. StorageError when there is none
+    (a prefix that does not exist) or the bucket cannot be listed."""
+    bucket, _, key = url[len("s3://"):].partition("/")
+    if not bucket:
+        raise StorageError(f"{url}: expected s3://BUCKET/PREFIX")
+    settings = StorageSettings.from_params(params).model_copy(update={"bucket": bucket, "prefix": ""})
+    store = S3Store(settings)
+    single = key.lower().endswith((".parquet", ".pq"))
+    prefix = key if single or not key or key.endswith("/") else key + "/"
+    found: list[dict[str, Any]] = []
+    with store._errors("listing", prefix or None):
+        for page in store.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                k = obj["Key"]
+                if (k == key if single else k.lower().endswith((".parquet", ".pq"))):
+                    found.append({"key": k, "size": int(obj["Size"]), "etag": str(obj.get("ETag", "")).strip('"')})
+    if not found:
+        raise StorageError(f"{url}: no Parquet object{' there' if single else 's under this prefix'} (does it exist?)")
+    return store, sorted(found, key=lambda o: o["key"])
+
+
+def mirror_s3_data(url: str, dest: Path, params: StorageParams | None = None) -> Path:
+    """Bring the Parquet objects of data URL ``url`` into the folder ``dest`` (one file per object,
+    named by its key below the prefix with ``/`` as ``__``), downloading only objects that are new or
+    changed (size or ETag) since the last mirror and removing those no longer listed; returns
+    ``dest`` (a prefix) or the one file (an object URL). Each file is written under a temporary name
+    and renamed, so the folder never holds a partial file."""
+    import json
+
+    store, objects = s3_data_objects(url, params)
+    _, _, key = url[len("s3://"):].partition("/")
+    single = key.lower().endswith((".parquet", ".pq"))
+    base = "" if single or not key else (key if key.endswith("/") else key + "/")
+    dest.mkdir(parents=True, exist_ok=True)
+    index_path = dest / ".index.json"
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        index = {}
+    wanted = {}
+    for obj in objects:
+        name = (obj["key"].rsplit("/", 1)[-1] if single else obj["key"][len(base):]).replace("/", "__")
+        wanted[name] = obj
+        if index.get(name) != {"size": obj["size"], "etag": obj["etag"]} or not (dest / name).is_file():
+            with store._errors("downloading", obj["key"]), _replace_atomically(dest / name) as tmp:
+                store.client.download_file(store.bucket, obj["key"], str(tmp), Config=store._transfer_config())
+    for stale in dest.iterdir():
+        if not stale.name.startswith(".") and stale.name not in wanted:
+            stale.unlink()
+    from rectflow.io import atomic_write_json
+
+    atomic_write_json(index_path, {n: {"size": o["size"], "etag": o["etag"]} for n, o in wanted.items()})
+    return dest / next(iter(wanted)) if single else dest

@@ -24,7 +24,20 @@ from rectflow.layout import Layout
 from rectflow.tables import PARQUET, data_version, hash_split, parquet_files, read_parquet
 
 
-def _materialise(kind: str, path: str | None, p: Params, side: str) -> tuple[np.ndarray, np.ndarray]:
+def local_data(p: Params, side: str, layout: Layout | None) -> Path:
+    """Where a ``file`` side's data is read from: its path, or for an ``s3://`` URL the workspace's
+    mirror of its objects (``.rectflow/data/mirror/SIDE``, only new or changed objects fetched)."""
+    path = str(getattr(p.data, f"{side}_path"))
+    if not path.startswith("s3://"):
+        return Path(path)
+    from rectflow.storage import mirror_s3_data
+
+    root = layout.state if layout is not None else Path(".rectflow")
+    return mirror_s3_data(path, root / "data" / "mirror" / side, p.storage)
+
+
+def _materialise(kind: str, path: str | None, p: Params, side: str,
+                 layout: Layout | None = None) -> tuple[np.ndarray, np.ndarray]:
     d = p.data
     if kind in BUILTIN_2D:
         x = generate_2d(kind, d.n_train + d.n_test, p.seed + (0 if side == "target" else 7919), d.noise)
@@ -35,7 +48,7 @@ def _materialise(kind: str, path: str | None, p: Params, side: str) -> tuple[np.
         raise DataError(f"data.{side}: unknown data set {kind!r}")
     # a user's file: split by a stable hash of each row (or its id), so rows held out stay held out
     # when the data grows
-    src = Path(path)  # type: ignore[arg-type]
+    src = local_data(p, side, layout)
     ids = None
     if d.id_column is not None:
         if not (src.suffix.lower() in PARQUET or src.is_dir() and parquet_files(src)):
@@ -47,23 +60,25 @@ def _materialise(kind: str, path: str | None, p: Params, side: str) -> tuple[np.
     return hash_split(x, d.test_fraction, p.seed, str(src), ids)
 
 
-def _version(p: Params, side: str) -> dict | None:
-    """The content version of a side read from the user's files (None for generators and digits)."""
+def _version(p: Params, side: str, layout: Layout) -> dict | None:
+    """The content version of a side read from the user's files (None for generators and digits);
+    for an S3 URL, of the objects as mirrored (the same bytes)."""
     if getattr(p.data, side) != "file":
         return None
     path = getattr(p.data, f"{side}_path")
-    return {"path": str(path)} | data_version(Path(path))
+    return {"path": str(path)} | data_version(local_data(p, side, layout) if str(path).startswith("s3://")
+                                              else Path(path))
 
 
-def load_sides(p: Params) -> dict[str, tuple[np.ndarray, np.ndarray] | tuple[int, ...]]:
-    """Everything prepare writes, validated, before anything is written."""
-    target = _materialise(p.data.target, p.data.target_path, p, "target")
+def load_sides(p: Params, layout: Layout | None = None) -> dict[str, tuple[np.ndarray, np.ndarray] | tuple[int, ...]]:
+    """Everything prepare writes, validated, before anything is written (an S3 side is mirrored first)."""
+    target = _materialise(p.data.target, p.data.target_path, p, "target", layout)
     shape = tuple(target[0].shape[1:])
     out: dict = {"target": target}
     if p.data.source == "gaussian":
         out["source"] = shape
         return out
-    src = _materialise(p.data.source, p.data.source_path, p, "source")
+    src = _materialise(p.data.source, p.data.source_path, p, "source", layout)
     src_shape = tuple(src[0].shape[1:])
     if int(np.prod(src_shape)) != int(np.prod(shape)):
         raise DataError(
@@ -80,7 +95,7 @@ def _where(p: Params, side: str) -> str:
 
 
 def run(p: Params, layout: Layout) -> dict:
-    sides = load_sides(p)  # all validation happens before the first write
+    sides = load_sides(p, layout)  # all validation happens before the first write (of outputs)
     net = None
     labels = None
     if len(sides["target"][0].shape) == 4:  # images: the frozen feature net of the Fréchet distance,
@@ -114,7 +129,7 @@ def run(p: Params, layout: Layout) -> dict:
         features = save(layout, net, labels is not None)
     changes = {}
     for side in ("source", "target"):
-        version = _version(p, side)
+        version = _version(p, side, layout)
         if version is not None:
             meta[side]["version"] = version
             changes[side] = _data_change(p, layout, side, sides[side][0], version)  # type: ignore[arg-type]

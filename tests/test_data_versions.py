@@ -196,6 +196,14 @@ def test_nightly_retrains_on_new_data_and_says_when_there_is_none(tmp_path, pref
         assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("data.target", version[:32])]
         assert json.loads(inputs[0].dataset.source)["uri"] == str((ws / "inputs" / "days").resolve())
         assert parent.data.tags["rectflow.data.target.version"] == version
+    # one DAG: plain `dvc repro` sees a new file as the flow does, and the flow then has nothing to do
+    write_day(ws / "inputs" / "days", "2026-12-02.parquet", rng.normal(size=(500, 2)))
+    rep = dvc("repro", cwd=ws)
+    assert rep.returncode == 0 and "Running stage 'prepare'" in rep.stdout, rep.stdout[-3000:] + rep.stderr[-2000:]
+    from tests.workspace import rectflow
+
+    after = rectflow("run", cwd=ws, timeout=600, RECTFLOW_THREADS="1", **pe)
+    assert after.returncode == 0 and json.loads(after.stdout.strip().splitlines()[-1])["executed"] == [], after.stderr
     parent3, _ = _parent(ws, third)
     assert parent3.data.tags["rectflow.data"].startswith(f"data.target: no new data since version {v2[:12]}")
     _, children2 = _parent(ws, second)
