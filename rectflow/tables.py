@@ -149,20 +149,28 @@ def row_hashes(x: np.ndarray, seed: int, ids: np.ndarray | None = None) -> np.nd
 
 def hash_split(x: np.ndarray, test_fraction: float, seed: int, where: str,
                ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(train, test) rows of ``x`` in their order: a row is held out when its hash, as a fraction of
-    2**64, is below ``test_fraction``. Adding rows never moves a row between the splits. At least one
+    """(train, test) rows of ``x``, each in the order of the rows' hashes: a row is held out when its
+    hash, as a fraction of 2**64, is below ``test_fraction``. Adding rows never moves a row between the splits. At least one
     row goes to each side (by hash rank, when the fraction alone gives none), so two rows are the fewest."""
     n = len(x)
     if n < 2:
         raise DataError(f"{where}: {n} row(s) are too few to split by data.test_fraction={test_fraction} "
                        "(expected at least 2)")
-    test = held_out(x, test_fraction, seed, ids)
-    return x[~test], x[test]
+    h = row_hashes(x, seed, ids)
+    test = _held_out(h, test_fraction)
+    # each split in the order of its rows' hashes, not the files': a prefix of it (evaluate's
+    # n_samples rows) is then a uniform sample, whichever files came first; the order is as stable
+    # as the split (new rows fall in between)
+    order = np.argsort(h, kind="stable")
+    return x[order[~test[order]]], x[order[test[order]]]
 
 
 def held_out(x: np.ndarray, test_fraction: float, seed: int, ids: np.ndarray | None = None) -> np.ndarray:
     """The bool mask ``(n,)`` of the rows :func:`hash_split` holds out (``n`` ≥ 2)."""
-    h = row_hashes(x, seed, ids)
+    return _held_out(row_hashes(x, seed, ids), test_fraction)
+
+
+def _held_out(h: np.ndarray, test_fraction: float) -> np.ndarray:
     test = h < np.uint64(min(int(test_fraction * 2.0**64), 2**64 - 1))
     if not test.any():
         test[int(np.argmin(h))] = True

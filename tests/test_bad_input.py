@@ -641,25 +641,33 @@ def test_nan_loss_mid_run_keeps_the_last_good_checkpoint(tmp_path):
 
     from rectflow.data import Distribution
     from rectflow.sources import IndependentPairs
-    from rectflow.tables import held_out
+    from rectflow.tables import held_out, row_hashes
 
     n, seed, batch = 20_000, 0, 256
+
+    def train_order(a: np.ndarray) -> np.ndarray:  # a file's training rows, as the split orders them
+        order = np.argsort(row_hashes(a, seed), kind="stable")
+        return order[~held_out(a, 0.1, seed)[order]]
+
     x = rng_rows(n, 2)
-    train_rows = np.flatnonzero(~held_out(x, 0.1, seed))  # a file's split: by each row's hash
-    # The same draws as the stage's sampler, on a stand-in target whose rows are their own indices.
-    index_rows = torch.arange(len(train_rows), dtype=torch.float32)[:, None].repeat(1, 2)
+    n_train = len(train_order(x))
+    # The same draws as the stage's sampler, on a stand-in target whose rows are their own positions.
+    index_rows = torch.arange(n_train, dtype=torch.float32)[:, None].repeat(1, 2)
     pairs = IndependentPairs(Distribution((2,)), Distribution((2,), index_rows), seed)
     first: dict[int, int] = {}
     for step in range(100):
         _, x1 = pairs.next_batch(batch)
         for i in x1[:, 0].long().tolist():
             first.setdefault(i, step)
-    for row in sorted((i for i, s in first.items() if 55 <= s <= 95), key=lambda i: first[i]):
+    # Plant the extreme row (finite in float32; its square is not) in a row of the file whose
+    # position in the training split, with its new hash, is first drawn between steps 56 and 96.
+    for j in np.random.default_rng(1).permutation(n):
         planted = x.copy()
-        planted[train_rows[row]] = 3e19  # finite in float32; its square is not
-        if not held_out(planted, 0.1, seed)[train_rows[row]]:  # its new hash keeps it in training
+        planted[j] = 3e19
+        order = train_order(planted)
+        if len(order) == n_train and j in order and 55 <= first.get(int(np.flatnonzero(order == j)[0]), -1) <= 95:
             break
-    x, bad_step = planted, first[row] + 1  # 1-based, as the stage counts
+    x, bad_step = planted, first[int(np.flatnonzero(order == j)[0])] + 1  # 1-based, as the stage counts
     ws = tmp_path
     shutil.copy(ROOT / "params.yaml", ws / "params.yaml")
     (ws / "inputs").mkdir()

@@ -46,12 +46,22 @@ def test_held_out_rows_stay_held_out_when_data_is_added_in_any_order():
     assert not rows(hash_split(v1, 0.1, 1, "v1")[1]) == rows(test1)  # the seed salts the hash
 
 
+def test_a_prefix_of_the_held_out_rows_is_a_uniform_sample_whatever_the_file_order():
+    """evaluate scores on the first n_samples held-out rows: with old data first in the files, a
+    split in file order would score a grown data set on its oldest rows alone."""
+    rng = np.random.default_rng(5)
+    old, new = rng.normal(size=(20_000, 2)), rng.normal(size=(10_000, 2)) + 10.0
+    _, test = hash_split(np.concatenate([old, new]).astype(np.float32), 0.1, 0, "grown")
+    share_new = float((test[:1000, 0] > 5).mean())  # a third of the rows are new
+    assert abs(share_new - 1 / 3) < 0.06, share_new
+
+
 def test_an_id_column_decides_the_side_whatever_the_values():
     x = np.random.default_rng(0).normal(size=(5_000, 2)).astype(np.float32)
     ids = np.array([f"user-{i}" for i in range(5_000)], dtype=object)
     _, test = hash_split(np.c_[x, np.arange(5_000)], 0.2, 0, "x", ids)
     _, test_edited = hash_split(np.c_[x + 1, np.arange(5_000)], 0.2, 0, "x", ids)  # every value changed
-    assert np.array_equal(test[:, 2], test_edited[:, 2])
+    assert np.array_equal(test[:, 2], test_edited[:, 2])  # the same rows, in the same (hash) order
     assert np.array_equal(row_hashes(x, 0), row_hashes(x.copy(), 0))
 
 
