@@ -107,6 +107,7 @@ def run_seed(cfg: NightlyConfig, seed: int, tmp: Path) -> dict[str, Any]:
                      "pretrain_seconds": pre.get("wall_seconds"), "pretrain_steps": pre["steps"],
                      "warm_start": (pre.get("warm_start") or {}).get("champion"), "w2": _one_step_w2(ws),
                      "drift": data.get("drift"), "promotion": res.get("promotion", {}).get("decision"),
+                     "champion_w2": res.get("promotion", {}).get("previous_w2"),
                      "executed": res["executed"]}
         if mode == "finetune" and not out[mode]["warm_start"]:
             raise RuntimeError(f"seed {seed}: night 2 did not fine-tune (pretrain record: {pre})")
@@ -133,6 +134,11 @@ def markdown(data: dict[str, Any]) -> str:
         table.append([mode, common.fmt_pm(secs, 1), common.fmt_pm(pre, 1), common.fmt_pm(w2s, 4)])
     lines.append(common.md_table(["night 2", "run wall s", "pretrain s", "one-step W2"], table))
     drift = [r["retrain"]["drift"]["w2"] for r in rows if r["retrain"].get("drift")]
+    kept = [f"{r['seed']}/{m}: {r[m]['promotion']}" + (f" (night-1 champion {r[m]['champion_w2']:.4f})"
+                                                        if r[m].get("champion_w2") is not None else "")
+            for r in rows for m in ("retrain", "finetune")]
+    lines += ["", "Promotion on night 2's held-out split (seed/mode: decision, the champion's W2 there): "
+              + "; ".join(kept) + "."]
     lines += ["", f"Seeds {', '.join(str(r['seed']) for r in rows)}; mean ± std. Drift night 1 → 2 (W2 between "
               f"1000-row samples): {common.fmt_pm(drift, 3)}. Night 1's one-step W2: "
               f"{common.fmt_pm([r['retrain']['night1_w2'] for r in rows], 4)} (retrain's workspace), "
