@@ -365,13 +365,21 @@ def _venv_on_path() -> None:
 def _warm_start(root: Path, tracker, prepared: bool, logger) -> None:  # type: ignore[no-untyped-def]
     """``schedule.on_new_data: finetune``: when prepare found a new version of the user's data, put
     the champion's flow where pretrain starts from (:func:`flows.registry.fetch_champion_flow`);
-    otherwise leave what is there (pretrain only uses it for the data version it was fetched for)."""
+    otherwise leave what is there (pretrain only uses it for the data version it was fetched for).
+    Fetched again when what is there is for another version, so a run killed while fetching (or
+    before) fetches on its rerun, when prepare is no longer out of date."""
     from rectflow.data import data_version_key, prepared_meta
 
     status = data_status(root, prepared)
-    if not any(v["previous"] and v["previous"] != v["version"] for v in status["sides"].values()) or not prepared:
+    if not any(v["previous"] and v["previous"] != v["version"] for v in status["sides"].values()):
         return
     version = data_version_key(prepared_meta(Layout(root).prepared))
+    try:
+        kept = json.loads((Layout(root).warm / "warm.json").read_text()).get("for_version")
+    except (OSError, ValueError, AttributeError):
+        kept = None
+    if kept == version and (Layout(root).warm / "rf1.safetensors").is_file():
+        return
     if not tracker:
         _say(logger, "schedule.on_new_data=finetune: tracking is off, so there is no champion to start from; rf1 "
              "trains from scratch")

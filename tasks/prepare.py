@@ -5,9 +5,9 @@ permutation of ``seed``, a user's file (or folder of Parquet files) by a stable 
 (:func:`rectflow.tables.hash_split`), so rows held out stay held out when the data grows; both hold
 out about ``data.test_fraction``. A user's data is versioned by content (``meta.json``'s
 ``version``; DVC hashes it too, as a dependency of this stage), and its change since the last
-version prepared here is measured (``.rectflow/data``: W2 and MMD between samples). A Gaussian source is not materialised: its shape is recorded
-and the noise is drawn from recorded seeds where it is used. A data source is reshaped to the
-target's shape and must have the same dimension.
+version prepared here is measured (``.rectflow/data``: W2 and MMD between samples). A Gaussian
+source is not materialised: its shape is recorded and the noise is drawn from recorded seeds where
+it is used. A data source is reshaped to the target's shape and must have the same dimension.
 """
 
 from __future__ import annotations
@@ -30,10 +30,16 @@ def local_data(p: Params, side: str, layout: Layout | None) -> Path:
     path = str(getattr(p.data, f"{side}_path"))
     if not path.startswith("s3://"):
         return Path(path)
-    from rectflow.storage import mirror_s3_data
-
     root = layout.state if layout is not None else Path(".rectflow")
-    return mirror_s3_data(path, root / "data" / "mirror" / side, p.storage)
+    key = (side, path, str(root))
+    if key not in _MIRRORED:  # once per process: the version is of the very objects that were read
+        from rectflow.storage import mirror_s3_data
+
+        _MIRRORED[key] = mirror_s3_data(path, root / "data" / "mirror" / side, p.storage)
+    return _MIRRORED[key]
+
+
+_MIRRORED: dict[tuple[str, str, str], Path] = {}
 
 
 def _materialise(kind: str, path: str | None, p: Params, side: str,
@@ -66,8 +72,7 @@ def _version(p: Params, side: str, layout: Layout) -> dict | None:
     if getattr(p.data, side) != "file":
         return None
     path = getattr(p.data, f"{side}_path")
-    return {"path": str(path)} | data_version(local_data(p, side, layout) if str(path).startswith("s3://")
-                                              else Path(path))
+    return {"path": str(path)} | data_version(local_data(p, side, layout))
 
 
 def load_sides(p: Params, layout: Layout | None = None) -> dict[str, tuple[np.ndarray, np.ndarray] | tuple[int, ...]]:
