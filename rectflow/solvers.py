@@ -1,8 +1,12 @@
-"""ODE samplers for dz/dt = v(z, t), integrated from t = 0 (source) to t = 1 (target).
+"""ODE samplers for dz/dt = v(z, t), integrated from t = 0 (source) to t = 1 (target), or backwards.
 
 Every sampler returns a :class:`Solution` with the samples and the number of velocity evaluations
 it actually made (NFE), counted at the call site, never assumed. Fixed-step samplers take either a
-step count (uniform grid) or an explicit increasing time grid (e.g. a BOSS schedule).
+step count (uniform grid) or an explicit time grid (e.g. a BOSS schedule). A grid may decrease:
+``reverse=True`` (or a decreasing ``times``) integrates t: 1 → 0, which inverts the flow (x1 → x0,
+:func:`invert`); every formula below holds with a negative step h. The midpoint step is
+RF-Solver's second-order step (its finite-difference time derivative at the half step makes it the
+explicit midpoint method), so ``midpoint`` is the inversion sampler of "Taming Rectified Flow".
 
 - Euler:    z ← z + h·v(z, t)                                   (1 NFE per step)
 - Heun:     z̃ = z + h·v(z, t);  z ← z + h/2·(v(z, t) + v(z̃, t + h))   (2 NFE per step)
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["SOLVERS", "Solution", "Velocity", "solve", "uniform_grid"]
+__all__ = ["SOLVERS", "Solution", "Velocity", "invert", "solve", "uniform_grid"]
 
 Velocity = Callable[[Tensor, Tensor], Tensor]
 """v(z, t): ``z`` ``(B, *shape)``, ``t`` ``(B,)`` -> ``(B, *shape)``."""
@@ -32,7 +36,8 @@ _NFE_PER_STEP = {"euler": 1, "heun": 2, "midpoint": 2}
 
 @dataclass
 class Solution:
-    """``x``: samples at t = 1, ``(B, *shape)``; ``nfe``: velocity evaluations made;
+    """``x``: the state at the grid's last time (t = 1 forwards, t = 0 inverted), ``(B, *shape)``;
+    ``nfe``: velocity evaluations made;
     ``trajectory``: ``(T, B, *shape)`` states at ``times`` ``(T,)`` when requested."""
 
     x: Tensor
@@ -52,18 +57,21 @@ class _Counted:
         return self.v(z, t)
 
 
-def uniform_grid(steps: int, device: torch.device | str = "cpu") -> Tensor:
-    """``steps + 1`` points 0 = t_0 < … < t_K = 1, shape ``(steps + 1,)``."""
+def uniform_grid(steps: int, device: torch.device | str = "cpu", reverse: bool = False) -> Tensor:
+    """``steps + 1`` points 0 = t_0 < … < t_K = 1, shape ``(steps + 1,)``; ``reverse``: 1 → 0."""
     if steps < 1:
         raise ValueError(f"steps: must be ≥ 1, got {steps}")
-    return torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64, device=device)
+    grid = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64, device=device)
+    return grid.flip(0) if reverse else grid
 
 
 def _check_grid(times: Tensor) -> Tensor:
+    """``times`` if it is a 1-D strictly monotone grid (increasing or decreasing), else ValueError."""
     if times.ndim != 1 or len(times) < 2:
         raise ValueError(f"times: expected a 1-D grid of ≥ 2 points, got shape {tuple(times.shape)}")
-    if not bool((times[1:] > times[:-1]).all()):
-        raise ValueError("times: the grid must be strictly increasing")
+    d = times[1:] - times[:-1]
+    if not (bool((d > 0).all()) or bool((d < 0).all())):
+        raise ValueError("times: the grid must be strictly increasing (sampling) or strictly decreasing (inversion)")
     return times
 
 
@@ -100,20 +108,27 @@ def solve(
     rtol: float = 1e-5,
     atol: float = 1e-5,
     trajectory: bool = False,
+    reverse: bool = False,
 ) -> Solution:
-    """Integrate ``dz/dt = v(z, t)`` from ``z0`` ``(B, *shape)`` at t = 0 to t = 1.
+    """Integrate ``dz/dt = v(z, t)`` from ``z0`` ``(B, *shape)`` at t = 0 to t = 1 (``reverse``:
+    from t = 1 to t = 0, ``z0`` then being the state at t = 1).
 
-    Fixed-step solvers use ``times`` if given, else ``steps`` uniform steps. ``rk45`` is adaptive;
-    with ``trajectory`` it also reports states at ``times`` (default: 101 uniform points).
+    Fixed-step solvers use ``times`` if given (increasing, or decreasing to invert; ``reverse``
+    then flips an increasing grid such as a saved BOSS schedule), else ``steps`` uniform steps.
+    ``rk45`` is adaptive; with ``trajectory`` it also reports states at ``times`` (default: 101
+    uniform points).
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver: unknown {solver!r}; expected one of {list(SOLVERS)}")
+    if times is not None and reverse and len(times) > 1 and bool(times[-1] > times[0]):
+        times = times.flip(0)
     counted = _Counted(v)
     if solver == "rk45":
         from torchdiffeq import odeint
 
-        out_t = times if times is not None else (uniform_grid(100, z0.device) if trajectory else None)
-        grid = torch.tensor([0.0, 1.0], device=z0.device, dtype=z0.dtype) if out_t is None else _check_grid(out_t).to(z0.dtype)
+        out_t = times if times is not None else (uniform_grid(100, z0.device, reverse) if trajectory else None)
+        ends = [1.0, 0.0] if reverse else [0.0, 1.0]
+        grid = torch.tensor(ends, device=z0.device, dtype=z0.dtype) if out_t is None else _check_grid(out_t).to(z0.dtype)
         b = z0.shape[0]
 
         def f(t: Tensor, z: Tensor) -> Tensor:
@@ -131,9 +146,30 @@ def solve(
     if times is None:
         if steps is None:
             raise ValueError(f"solver {solver!r}: give steps or times")
-        times = uniform_grid(steps, z0.device)
+        times = uniform_grid(steps, z0.device, reverse)
     times = _check_grid(times)
     z, traj = _fixed(solver, counted, z0, times, trajectory)
     expected = _NFE_PER_STEP[solver] * (len(times) - 1)
     assert counted.n == expected, (counted.n, expected)
     return Solution(z, counted.n, torch.stack(traj) if traj is not None else None, times if trajectory else None)
+
+
+def invert(
+    v: Velocity,
+    x1: Tensor,
+    solver: str = "midpoint",
+    steps: int | None = None,
+    *,
+    times: Tensor | None = None,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    trajectory: bool = False,
+) -> Solution:
+    """Inversion x1 → x0: integrate ``dz/dt = v(z, t)`` from t = 1 back to t = 0.
+
+    ``x1`` ``(B, *shape)``: states at t = 1 (data); returns the states at t = 0 (for a flow from
+    noise, the noise that regenerates them). ``times`` may be the forward grid (a BOSS schedule,
+    increasing): it is run backwards. Reconstruction ``solve(v, invert(v, x1).x)`` returns x1 up
+    to the two solvers' discretisation errors, which vanish for a straight flow.
+    """
+    return solve(v, x1, solver, steps, times=times, rtol=rtol, atol=atol, trajectory=trajectory, reverse=True)
