@@ -209,16 +209,10 @@ def _sample(model: str, out: Path, n: int, steps: int, solver: str, seed: int, s
 
     from rectflow.device import pick_device
     from rectflow.io import atomic_path
-    from rectflow.nets import ModelError
     from rectflow.models import load_model
-    from rectflow.solvers import SOLVERS, solve
+    from rectflow.solvers import solve
 
-    if solver not in SOLVERS:
-        fail(f"--solver: unknown {solver!r}; expected one of {', '.join(SOLVERS)}")
-    if schedule not in ("uniform", "bellman"):
-        fail(f"--schedule: unknown {schedule!r}; expected uniform or bellman")
-    if schedule == "bellman" and solver == "rk45":
-        fail("--schedule: 'bellman' needs a fixed-step solver (euler, heun, midpoint), got --solver rk45")
+    _check_solver(solver, schedule)
     if out.suffix not in (".parquet", ".pq"):
         fail(f"--out: expected a .parquet path, got {out}")
     if out.is_dir():
@@ -229,17 +223,7 @@ def _sample(model: str, out: Path, n: int, steps: int, solver: str, seed: int, s
         check_writable("rectflow sample", [out.absolute()], Path.cwd())
     except WorkspaceError as e:
         fail(f"--out: {e}")
-    if model.startswith("models:/") or model.startswith("runs:/"):
-        from flows.tracking import download_model
-
-        stem = download_model(model)
-    else:
-        stem = Path(model)
-        if stem.suffix in (".safetensors", ".json"):
-            stem = stem.with_suffix("")
-    from rectflow.io import require_file
-
-    require_file(stem.with_suffix(".json"), ModelError, f"--model: {stem.with_suffix('.json')} not found")
+    stem = _model_stem(model)
     dev = pick_device()
     net, card = load_model(stem, dev)
     check_memory(sample_needs(card["arch"], n, steps, solver), dev)  # ParamsError naming --n or --steps
@@ -271,6 +255,104 @@ def _sample(model: str, out: Path, n: int, steps: int, solver: str, seed: int, s
     with atomic_path(out) as tmp:
         pq.write_table(table, tmp)
     print(json.dumps({"out": str(out), "n": n, "shape": list(shape), "solver": solver, "schedule": grid, "nfe": sol.nfe}))
+
+
+def _check_solver(solver: str, schedule: str) -> None:
+    """--solver and --schedule name a sampler and a grid it can run on, else one line and exit 2."""
+    from rectflow.solvers import SOLVERS
+
+    if solver not in SOLVERS:
+        fail(f"--solver: unknown {solver!r}; expected one of {', '.join(SOLVERS)}")
+    if schedule not in ("uniform", "bellman"):
+        fail(f"--schedule: unknown {schedule!r}; expected uniform or bellman")
+    if schedule == "bellman" and solver == "rk45":
+        fail("--schedule: 'bellman' needs a fixed-step solver (euler, heun, midpoint), got --solver rk45")
+
+
+def _model_stem(model: str) -> Path:
+    """The local stem (``models/NAME``) of ``--model``: a path, or an MLflow URI downloaded first."""
+    from rectflow.io import require_file
+    from rectflow.nets import ModelError
+
+    if model.startswith("models:/") or model.startswith("runs:/"):
+        from flows.tracking import download_model
+
+        stem = download_model(model)
+    else:
+        stem = Path(model)
+        if stem.suffix in (".safetensors", ".json"):
+            stem = stem.with_suffix("")
+    require_file(stem.with_suffix(".json"), ModelError, f"--model: {stem.with_suffix('.json')} not found")
+    return stem
+
+
+InOpt = Annotated[Path, typer.Option("--in", help="points: .parquet (columns d0, d1, …; others carried) or .npy")]
+OutOpt = Annotated[Path, typer.Option(help="output .parquet")]
+FlowSteps = Annotated[int, typer.Option(min=1, max=INT64_MAX, help="steps of a fixed-step solver")]
+FlowSolver = Annotated[str, typer.Option(help="euler | heun | midpoint (RF-Solver's step) | rk45")]
+FlowSchedule = Annotated[str, typer.Option(help="uniform | bellman: the flow's BOSS grid for K = --steps, run "
+                                           "backwards when inverting")]
+
+
+@app.command()
+def invert(model: Annotated[str, typer.Option(help="a flow: models/rfK (path) or models:/NAME@ALIAS")],
+           in_: InOpt, out: OutOpt, steps: FlowSteps = 8, solver: FlowSolver = "midpoint",
+           schedule: FlowSchedule = "uniform") -> None:
+    """Invert a flow: points x1 of its target to their x0 = ODE_{1→0}(x1) (for a flow from noise,
+    the noise that regenerates them). Parquet out; label and id columns carried."""
+    _guard(_move, model, in_, out, "backward", steps, solver, schedule, "invert")
+
+
+@app.command()
+def transfer(model: Annotated[str, typer.Option(help="a flow between two data sets: models/rfK or models:/…")],
+             in_: InOpt, out: OutOpt,
+             direction: Annotated[str, typer.Option(help="forward: π0 → π1 | backward: π1 → π0")] = "forward",
+             steps: FlowSteps = 8, solver: FlowSolver = "midpoint", schedule: FlowSchedule = "uniform") -> None:
+    """Carry a user's points between the two data sets of a flow (data.source not gaussian)."""
+    if direction not in ("forward", "backward"):
+        fail(f"--direction: unknown {direction!r}; expected forward or backward")
+    _guard(_move, model, in_, out, direction, steps, solver, schedule, "transfer")
+
+
+def _move(model: str, inp: Path, out: Path, direction: str, steps: int, solver: str, schedule: str,
+          command: str) -> None:
+    from rectflow.device import pick_device
+    from rectflow.models import load_model
+    from rectflow.nets import ModelError
+    from rectflow.points import flow_source, read_points, run_points, write_points
+    from rectflow.preflight import WorkspaceError, check_writable
+
+    _check_solver(solver, schedule)
+    if out.suffix not in (".parquet", ".pq") or out.is_dir():
+        fail(f"--out: expected the path of a .parquet file to write, got {out}")
+    try:
+        check_writable(f"rectflow {command}", [out.absolute()], Path.cwd())
+    except WorkspaceError as e:
+        fail(f"--out: {e}")
+    stem = _model_stem(model)
+    dev = pick_device()
+    net, card = load_model(stem, dev)
+    meta = card.get("meta", {})
+    if meta.get("role", "flow") != "flow":
+        raise ModelError(f"--model {model}: a {meta.get('steps', 1)}-step student is a map, not a velocity field: "
+                         f"{command} needs a flow (models/rf1, rf2, …)")
+    src = flow_source(card)
+    if command == "transfer" and src in ("gaussian", None):
+        raise ModelError(f"--model {model}: its source π0 is {'noise' if src else 'not recorded'}, not a data set: "
+                         "transfer needs a flow between two data sets (data.source a built-in set or file); "
+                         "use rectflow invert for noise")
+    shape = tuple(card["arch"]["shape"])
+    x, carried = read_points(inp, shape, "--in")
+    times = None
+    if schedule == "bellman":
+        from rectflow.schedule import schedule_times
+
+        times = schedule_times(stem, steps, meta.get("sha256"))
+    y, nfe = run_points(net, x, direction, solver, None if solver == "rk45" else steps, times=times)
+    info = {"model": model, "command": command, "direction": direction, "solver": solver,
+            "schedule": "adaptive" if solver == "rk45" else schedule, "nfe": nfe, "in": str(inp), "shape": list(shape)}
+    write_points(out, y, carried, info)
+    print(json.dumps({"out": str(out), "n": len(y), **{k: info[k] for k in ("direction", "solver", "schedule", "nfe")}}))
 
 
 @app.command()

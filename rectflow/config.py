@@ -29,6 +29,7 @@ DataName = Literal[
 ]
 SolverName = Literal["euler", "heun", "midpoint", "rk45"]
 ScheduleName = Literal["uniform", "bellman"]
+PairSource = Literal["noise", "inversion", "mixed"]
 TimeDist = Literal["uniform", "logit_normal", "u_shaped"]
 LossName = Literal["l2", "pseudo_huber"]
 Precision = Literal["fp32", "bf16"]
@@ -202,6 +203,15 @@ class CoupleParams(Section):
         "uniform", description="Time grid of a fixed-step solver: `steps` uniform steps, or the flow's BOSS "
         "schedule for K = `steps` (models/rfK.schedule.json)."
     )
+    source: PairSource = Field(
+        "noise", description="What the pairs start from: noise (Z0 ~ π0, Z1 = ODE_{0→1}(Z0), the recipe); "
+        "inversion (Z1 a real training row of the target, Z0 = ODE_{1→0}(Z1) by the round's flow, as in "
+        "2-RF++); mixed (a fraction `inversion_fraction` of every shard by inversion, the rest from noise). "
+        "Inversion uses the same solver, steps and schedule, run backwards."
+    )
+    inversion_fraction: UnitFloat = Field(
+        0.5, description="With source: mixed, the share of each shard's pairs made by inverting real data."
+    )
     workers: PosInt = Field(1, description="Dask workers for shard generation (1: in process).")
     dask_address: str | None = Field(
         None, description="A running Dask scheduler (tcp://HOST:PORT) for shard generation; None: a local "
@@ -307,6 +317,15 @@ def _default_grid() -> list[GridEntry]:
     ]
 
 
+class ReconstructionParams(Section):
+    """Reconstruction of held-out target data by every flow: invert x1 → x0 (t: 1 → 0), regenerate
+    x0 → x1 with the same solver and steps, and measure ‖x1 − x̂1‖² per dimension (and PSNR for images)."""
+
+    n: PosInt = Field(1000, description="Held-out target rows (at most the test split).")
+    solvers: list[SolverName] = Field(default_factory=lambda: ["euler", "heun", "midpoint", "rk45"])
+    steps: list[PosInt] = Field(default_factory=lambda: [1, 2, 4, 8], description="Steps of the fixed-step solvers.")
+
+
 class EvaluateParams(Section):
     n_samples: PosInt = Field(2000, description="Generated and held-out samples per row.")
     grid: list[GridEntry] = Field(default_factory=_default_grid)
@@ -319,6 +338,7 @@ class EvaluateParams(Section):
         None, description="Images: a TorchScript Inception-v3 detector on disk (inception-2015-12-05.pt, as "
         "StyleGAN2-ADA/EDM use) for `fid` beside `fd` in every row (rectflow/fid.py); never downloaded."
     )
+    reconstruction: ReconstructionParams = Field(default_factory=ReconstructionParams)
 
 
 class BellmanParams(Section):

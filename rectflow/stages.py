@@ -211,6 +211,7 @@ REGISTRY: tuple[Stage, ...] = (
         params=("seed", "evaluate", "reflow.rounds", "distill.k", "quantize.int8", "quantize.half"),
         inputs=_evaluate_inputs,
         outputs=lambda p: [Out("plots/trajectories.png", cache=False), Out("plots/nfe_w2.csv", "plots", cache=False),
+                           Out("plots/reconstruction.png", cache=False), Out("plots/reconstruction.csv", "plots", cache=False),
                            Out("metrics/eval.json", "metrics", cache=False), _metrics("evaluate")],
     ),
 )

@@ -13,6 +13,12 @@ grid for K = ``couple.steps`` (``models/rfK.schedule.json``; recorded in the man
 Work in progress lives in ``.rectflow/staging/couplings/round-K/`` with a running manifest: a rerun
 after a crash keeps every finished shard whose sha256 checks out and makes only the missing or
 invalid ones. The finished round is moved to ``data/couplings/round-K/`` in one rename.
+
+``couple.source: inversion`` makes 2-RF++'s pairs from real data instead: Z1 is a training row of the
+target and Z0 = ODE_{1→0}(Z1), rfK run backwards on the same solver and grid; pair j of the round
+takes row ``perm[j mod N]`` of a permutation of the N training rows drawn from the seed, so every
+row is used once before any is used twice. ``mixed`` makes the first ``round(inversion_fraction ×
+rows)`` pairs of each shard that way and the rest from noise (reflow shuffles rows across shards).
 """
 
 from __future__ import annotations
@@ -76,7 +82,7 @@ class ShardExecutor(Protocol):
     def map(self, job: ShardJob, todo: list[int], rows: list[int]) -> Iterator[tuple[int, dict[str, Any]]]: ...
 
 
-_WORKER_CACHE: dict[tuple[str, int, str, str | None], tuple[Any, Any, tuple[int, ...], Any, Any]] = {}
+_WORKER_CACHE: dict[tuple[str, int, str, str | None], tuple[Any, Any, tuple[int, ...], Any, Any, Any]] = {}
 
 
 @dataclass(frozen=True)
@@ -100,11 +106,11 @@ class ShardJob:
 
     def __call__(self, index: int, rows: int) -> tuple[int, dict[str, Any]]:
         torch.set_num_threads(1)  # one thread per worker process: the cluster is the parallelism
-        model, source, shape, dev, times = self._inputs()
-        z0, z1, nfe = generate_shard(self.p, model, source, shape, self.round_k, index, rows, dev, times)
+        model, source, shape, dev, times, target = self._inputs()
+        z0, z1, nfe = generate_shard(self.p, model, source, shape, self.round_k, index, rows, dev, times, target)
         return index, _write(Path(self.staging), index, z0, z1, nfe, lambda i, e: None, self.remote)
 
-    def _inputs(self) -> tuple[Any, Any, tuple[int, ...], Any, Any]:
+    def _inputs(self) -> tuple[Any, Any, tuple[int, ...], Any, Any, Any]:
         key = (self.root, self.round_k, self.model_sha, self.schedule_sha)
         if key not in _WORKER_CACHE:
             from rectflow.nets import ModelError
@@ -125,8 +131,9 @@ class ShardJob:
                                      "started the round (is the workspace shared at the same path?)")
                 times = round_times(self.p, layout, self.round_k)
             source = load_prepared(layout.prepared, "source", "train")
+            target = real_rows(self.p, layout)
             _WORKER_CACHE.clear()
-            _WORKER_CACHE[key] = (model, source, tuple(card["arch"]["shape"]), dev, times)
+            _WORKER_CACHE[key] = (model, source, tuple(card["arch"]["shape"]), dev, times, target)
         return _WORKER_CACHE[key]
 
 
@@ -159,11 +166,13 @@ def solver_record(p: Params, times: torch.Tensor | None) -> dict[str, Any]:
 @torch.inference_mode()
 def solve_pairs(
     model: nn.Module, z0: torch.Tensor, p: Params, dev: torch.device, times: torch.Tensor | None = None,
+    reverse: bool = False,
 ) -> tuple[torch.Tensor, int]:
     """Z1 = ODE(Z0) for ``z0`` ``(n, *shape)`` in batches; returns (z1 on CPU, NFE summed over batches).
+    ``reverse``: the inversion Z0 = ODE_{1→0}(Z1) of states ``z0`` at t = 1 instead.
 
-    ``times`` ``(K + 1,)``: the fixed-step solver's time grid (a BOSS schedule); None: ``couple.steps``
-    uniform steps (or adaptive RK45).
+    ``times`` ``(K + 1,)``: the fixed-step solver's time grid (a BOSS schedule, run backwards when
+    ``reverse``); None: ``couple.steps`` uniform steps (or adaptive RK45).
     """
     c = p.couple
     out, nfe = [], 0
@@ -171,7 +180,7 @@ def solve_pairs(
     for b in range(0, len(z0), c.batch_size):
         zb = z0[b : b + c.batch_size].to(dev, non_blocking=True)
         with autocast:
-            sol = solve(model, zb, c.solver, c.steps, times=times, rtol=c.rtol, atol=c.atol)
+            sol = solve(model, zb, c.solver, c.steps, times=times, rtol=c.rtol, atol=c.atol, reverse=reverse)
         out.append(sol.x.float().cpu())
         nfe += sol.nfe
     return torch.cat(out), nfe
@@ -181,19 +190,51 @@ def sample_source(source: Distribution, n: int, seed: int, shape: tuple[int, ...
     return source.sample(n, torch.Generator().manual_seed(seed)).reshape(n, *shape)
 
 
+def real_rows(p: Params, layout: Layout) -> torch.Tensor | None:
+    """The target's training rows ``(N, *shape)`` that inversion pairs start from (``couple.source``
+    inversion or mixed), else None."""
+    if p.couple.source == "noise":
+        return None
+    target = load_prepared(layout.prepared, "target", "train")
+    assert target.data is not None
+    return target.data
+
+
+def inversion_count(c: CoupleParams, rows: int) -> int:
+    """How many of a shard's ``rows`` pairs are made by inverting real data."""
+    return {"noise": 0, "inversion": rows, "mixed": round(c.inversion_fraction * rows)}[c.source]
+
+
+def inversion_rows(target: torch.Tensor, seed: int, start: int, n: int) -> torch.Tensor:
+    """Rows ``start … start + n − 1`` of the round's order of the real data: row ``perm[j mod N]``
+    of a permutation of the ``N`` training rows drawn from ``seed`` (each used once before any twice)."""
+    perm = torch.randperm(len(target), generator=torch.Generator().manual_seed(seed))
+    return target.index_select(0, perm[torch.arange(start, start + n) % len(target)])
+
+
 def generate_shard(
     p: Params, model: nn.Module, source: Distribution, shape: tuple[int, ...], round_k: int, index: int,
-    rows: int, dev: torch.device, times: torch.Tensor | None = None,
+    rows: int, dev: torch.device, times: torch.Tensor | None = None, target: torch.Tensor | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Shard ``index``: z0 ``(rows, *shape)`` from its own seed and z1 = ODE(z0) on ``times`` (see
-    :func:`solve_pairs`); returns (z0, z1, NFE)."""
-    z0 = sample_source(source, rows, shard_seed(p.seed, round_k, index), shape)
+    :func:`solve_pairs`); with ``couple.source`` inversion or mixed, its first
+    :func:`inversion_count` pairs are (ODE_{1→0}(x1), x1) for real rows x1 of ``target`` instead.
+    Returns (z0, z1, NFE)."""
+    n_inv = inversion_count(p.couple, rows)
+    z0 = sample_source(source, rows - n_inv, shard_seed(p.seed, round_k, index), shape)
     try:
-        z1, nfe = solve_pairs(model, z0, p, dev, times)
+        z1, nfe = solve_pairs(model, z0, p, dev, times) if rows > n_inv else (z0, 0)
+        if n_inv:
+            assert target is not None
+            start = index * inversion_count(p.couple, p.couple.shard_size)
+            x1 = inversion_rows(target, shard_seed(p.seed, round_k, -1), start, n_inv)
+            x1 = x1.reshape(n_inv, *shape).float()
+            x0, nfe_inv = solve_pairs(model, x1, p, dev, times, reverse=True)
+            z0, z1, nfe = torch.cat([x0, z0]), torch.cat([x1, z1]), nfe + nfe_inv
     except RunFailedError as e:
         raise RunFailedError(f"rf{round_k}: {shard_name(index)} of round {round_k}: {e}; nothing of it was written "
                              "(retrain the flow, or use another solver)") from None
-    bad = ~torch.isfinite(z1.reshape(rows, -1)).all(1)
+    bad = ~(torch.isfinite(z1.reshape(rows, -1)).all(1) & torch.isfinite(z0.reshape(rows, -1)).all(1))
     if bad.any():  # what is generated is checked as strictly as what is loaded: never a NaN pair on disk
         c = p.couple
         how = f"{c.solver}, {c.steps} steps" if c.solver != "rk45" else f"rk45, rtol {c.rtol:g}"
@@ -201,6 +242,10 @@ def generate_shard(
                              f"{int(bad.sum())} of {rows} rows: models/rf{round_k} diverges under couple.solver {how}; "
                              "that shard was not written (retrain the flow, or use another solver)")
     return z0.numpy(), z1.numpy(), nfe
+
+
+def _rows_sha(x: torch.Tensor) -> str:
+    return hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 def _entry_valid(staging: Path, entry: Any) -> bool:
@@ -264,11 +309,16 @@ def run_round(p: Params, layout: Layout, round_k: int, shard_executor: ShardExec
         raise DataError(f"{layout.prepared}: source dimension {source.dim} differs from {name}'s {int(np.prod(shape))}; "
                         "rerun prepare and pretrain")
     times = round_times(p, layout, round_k)
+    target = real_rows(p, layout)
     # A uniform round keeps the fingerprint it had before schedules existed; a BOSS round adds its
-    # grid, so a round made on another schedule (or another K) is never reused.
+    # grid, so a round made on another schedule (or another K) is never reused. Likewise noise
+    # pairs keep theirs; inversion pairs add the source of pairs and the real rows' sha256.
     grid = () if times is None else ({"schedule": "bellman", "times": [float(t) for t in times.tolist()]},)
-    fp = fingerprint(model_sha(layout, name), c.model_dump(mode="json", exclude={"workers", "dask_address", "schedule", "reflowed"}),
-                     p.seed, round_k, p.data.model_dump(mode="json"), *grid)
+    real = () if target is None else ({"source": c.source, "fraction": c.inversion_fraction,
+                                       "rows": _rows_sha(target)},)
+    fp = fingerprint(model_sha(layout, name), c.model_dump(mode="json", exclude={
+        "workers", "dask_address", "schedule", "reflowed", "source", "inversion_fraction"}),
+        p.seed, round_k, p.data.model_dump(mode="json"), *grid, *real)
     remote = remote_round(p, layout, round_k)  # S3: checked now, before any work
     final, staging = layout.round_dir(round_k), layout.staging(f"couplings/round-{round_k}")
     trash = staging.parent / f".{staging.name}.replaced"
@@ -306,6 +356,13 @@ def run_round(p: Params, layout: Layout, round_k: int, shard_executor: ShardExec
         "solver": solver_record(p, times),
         "source": p.data.source, "fingerprint": fp, "complete": False, "shards": [None] * len(rows),
     }
+    if target is not None:  # 2-RF++ pairs: what share came from real data, and how often each row repeats
+        n_inv = sum(inversion_count(c, r) for r in rows)
+        man["pairs_from"] = {"source": c.source, "inversion_fraction": 1.0 if c.source == "inversion" else
+                             c.inversion_fraction, "inverted_pairs": n_inv, "real_rows": len(target)}
+        if n_inv > len(target):
+            print(f"[couple] round {round_k}: {n_inv} inversion pairs from {len(target)} training rows: each row "
+                  f"is inverted up to {-(-n_inv // len(target))} times (identical pairs)", file=sys.stderr, flush=True)
     todo, bad = [], []
     for i in range(len(rows)):
         old = previous.get(shard_name(i))
@@ -361,7 +418,7 @@ def run_round(p: Params, layout: Layout, round_k: int, shard_executor: ShardExec
         with ThreadPoolExecutor(max_workers=1) as writer:
             pending: Future | None = None
             for i in todo:
-                z0, z1, nfe = generate_shard(p, model, source, shape, round_k, i, rows[i], dev, times)
+                z0, z1, nfe = generate_shard(p, model, source, shape, round_k, i, rows[i], dev, times, target)
                 if pending is not None:
                     pending.result()
                 pending = writer.submit(_write, staging, i, z0, z1, nfe, publish, remote)

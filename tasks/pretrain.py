@@ -57,7 +57,7 @@ def run(p: Params, layout: Layout) -> dict:
                                rank=rank_world()[0])
     inputs = {f"{side}-{split}": meta[side].get("files", {}).get(split, {}).get("sha256", "gaussian")
               for side in ("source", "target") for split in ("train",)}
-    cfg, card_meta = p.pretrain, {"role": "flow", "round": 1, "coupling": p.pretrain.coupling}
+    cfg, card_meta = p.pretrain, {"role": "flow", "round": 1, "coupling": p.pretrain.coupling, "source": p.data.source}
     warm = warm_start(p, layout, arch, meta)
     if warm is not None:  # fine-tuning on new data: from the champion's flow, for its own step budget
         model.load_state_dict(load_state(layout.warm / "rf1"))

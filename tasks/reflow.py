@@ -32,7 +32,7 @@ def train_on_pairs(p: Params, layout: Layout, round_k: int, schedule: bool = Tru
     record = train_and_save(
         p=p, layout=layout, name=name, model=model, arch=card["arch"], batches=batches,
         cfg=p.reflow, seed=p.seed + round_k, inputs=inputs, dev=dev,
-        meta={"role": "flow", "round": round_k + 1, "parent": parent, "pairs": batches.n_pairs},
+        meta={"role": "flow", "round": round_k + 1, "parent": parent, "pairs": batches.n_pairs, "source": p.data.source},
     )
     if schedule and rank_world()[0] == 0:  # rank 0 saved the model: its BOSS schedules go beside it
         record |= save_flow_schedule(p, layout, name, dev)

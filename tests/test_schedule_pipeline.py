@@ -4,7 +4,6 @@ and by a couple round with ``couple.schedule: bellman`` (tiny workspace, in proc
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,23 +13,7 @@ import torch
 from rectflow.models import load_model
 from rectflow.schedule import load_schedule, schedule_path
 from rectflow.solvers import solve
-from tests.tinyws import OVERRIDES, copy_workspace, trained_workspace
-
-
-@pytest.fixture
-def ws(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> Path:
-    return copy_workspace(trained_workspace(tmp_path_factory), tmp_path / "ws")
-
-
-def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """``rectflow ARGS`` through the console script's own ``main()``: (exit status, stdout, stderr)."""
-    from flows.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["rectflow", *args])
-    with pytest.raises(SystemExit) as e:
-        main()
-    out, err = capsys.readouterr()
-    return int(e.value.code or 0), out, err
+from tests.tinyws import OVERRIDES, cli, ws  # noqa: F401 (ws: a fixture)
 
 
 def test_pretrain_saves_the_schedule_of_the_saved_weights(ws: Path) -> None:

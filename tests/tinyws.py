@@ -35,5 +35,24 @@ def copy_workspace(src: Path, dst: Path) -> Path:
     return dst
 
 
+@pytest.fixture
+def ws(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> Path:
+    """A copy of the session's trained workspace for one test (import the fixture by name)."""
+    return copy_workspace(trained_workspace(tmp_path_factory), tmp_path / "ws")
+
+
+def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """``rectflow ARGS`` through the console script's own ``main()``: (exit status, stdout, stderr)."""
+    import sys
+
+    from flows.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["rectflow", *args])
+    with pytest.raises(SystemExit) as e:
+        main()
+    out, err = capsys.readouterr()
+    return int(e.value.code or 0), out, err
+
+
 def sets(overrides: list[str]) -> list[str]:
     return [a for o in overrides for a in ("--set", o)]
