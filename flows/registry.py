@@ -28,6 +28,7 @@ from typing import Any
 from rectflow.config import BUILTIN_2D, Params
 from rectflow.layout import Layout
 from rectflow.nets import read_model_card
+from rectflow.stages import last_flow
 
 __all__ = ["TASK_KEY_TAG", "TASK_TAG", "promote", "registered_name", "score_model", "task_key", "task_metric", "task_spec"]
 
@@ -290,6 +291,30 @@ def fetch_champion_flow(tracker, root: Path, for_version: str) -> str | None:  #
     return label
 
 
+def log_onestep(stem: Path, flow: Path | None, name: str | None = None):  # type: ignore[no-untyped-def]
+    """Log ``stem`` (a student) as the MLflow pyfunc ``onestep`` of the active run (registered as
+    ``name`` if given), with the flow ``flow`` beside it so that the model can invert too
+    (``flows/onestep_model.py``); its signature declares the params. Returns MLflow's model info."""
+    import warnings
+
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ParamSchema, ParamSpec
+
+    from flows.onestep_model import PARAMS
+
+    artifacts = {"weights": str(stem.with_suffix(".safetensors")), "card": str(stem.with_suffix(".json"))}
+    if flow is not None and flow.with_suffix(".safetensors").is_file():
+        artifacts |= {"flow_weights": str(flow.with_suffix(".safetensors")), "flow_card": str(flow.with_suffix(".json"))}
+    params = ParamSchema([ParamSpec(k, "long" if isinstance(v, int) else "string", v) for k, v in PARAMS.items()])
+    with warnings.catch_warnings():  # its input is an (n, *shape) array the card describes: no example needed
+        warnings.filterwarnings("ignore", message=".*input example.*", category=UserWarning)
+        return mlflow.pyfunc.log_model(
+            name="onestep", python_model=str(Path(__file__).with_name("onestep_model.py")), artifacts=artifacts,
+            signature=ModelSignature(params=params), pip_requirements=["rectflow"], registered_model_name=name,
+        )
+
+
 def promote(tracker, root: Path, parent_run_id: str, verbose: bool = False) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     """Register ``models/distilled`` under its task's name and move ``champion`` only on merit.
 
@@ -343,13 +368,7 @@ def promote(tracker, root: Path, parent_run_id: str, verbose: bool = False) -> d
         # the model's input is an (n, *shape) array whose shape the card holds; MLflow's advice to add
         # type hints for a signature does not apply, and would print on every run
         warnings.filterwarnings("ignore", message=".*type hints.*", category=UserWarning)
-        info = mlflow.pyfunc.log_model(
-            name="onestep",
-            python_model=str(Path(__file__).with_name("onestep_model.py")),
-            artifacts={"weights": str(stem.with_suffix(".safetensors")), "card": str(stem.with_suffix(".json"))},
-            pip_requirements=["rectflow"],
-            registered_model_name=name,
-        )
+        info = log_onestep(stem, layout.model(last_flow(p)), name)
     version = str(info.registered_model_version)
     tags = {"sha256": sha, metric: f"{score:.6f}", "rectflow.metric": metric, TASK_KEY_TAG: key,
             TASK_TAG: json.dumps(spec, sort_keys=True), "seed": str(p.seed), "data.target": p.data.target,

@@ -307,7 +307,23 @@ def download_model(uri: str, tracking_uri: str | None = None) -> Path:
         local = Path(mlflow.artifacts.download_artifacts(uri))
     except Exception as e:
         raise ModelError(redact_text(f"--model: cannot fetch {uri} from MLflow ({str(e).splitlines()[0][:200]})")) from None
-    found = sorted(local.rglob("*.safetensors"))
+    found = _logged_weights(local) or sorted(local.rglob("*.safetensors"))
     if not found:
         raise ModelError(f"--model: {uri} holds no .safetensors weights")
     return found[0].with_suffix("")
+
+
+def _logged_weights(local: Path) -> list[Path]:
+    """The ``weights`` artifact a pyfunc's MLmodel names (the student, not the flow logged beside
+    it), as a one-element list; empty when there is no such MLmodel (a run's model folder)."""
+    import yaml
+
+    for mlmodel in local.rglob("MLmodel"):
+        try:
+            doc = yaml.safe_load(mlmodel.read_text())
+            rel = doc["flavors"]["python_function"]["artifacts"]["weights"]["path"]
+        except (OSError, yaml.YAMLError, KeyError, TypeError):
+            continue
+        if (mlmodel.parent / rel).is_file():
+            return [mlmodel.parent / rel]
+    return []
