@@ -1,14 +1,21 @@
-"""FlowChef-style inpainting (rectflow/steer.py).
+"""FlowChef-style inpainting (rectflow/steer.py) and ``rectflow sample --inpaint``.
 
 Closed forms with a constant velocity field v = c (x̂1 = x_t + (1 − t)·c, so a step never moves x̂1
 and only the steering does): the hidden pixels come out as z0 + c, the known ones as y, and the
 student's known-region error shrinks by (1 − η)² per correction. A mask of zeros is plain Euler
-sampling bit for bit, with a real (random) network.
+sampling bit for bit, with a real (random) network. The CLI refuses each bad input in one line.
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from torch import Tensor, nn
@@ -16,7 +23,7 @@ from torch import Tensor, nn
 from rectflow.arrays import DataError
 from rectflow.errors import InputError
 from rectflow.imaging import save_grid_png
-from rectflow.nets import build_model
+from rectflow.nets import build_model, save_model
 from rectflow.solvers import solve
 from rectflow.steer import (
     check_mask,
@@ -27,6 +34,7 @@ from rectflow.steer import (
     standard_masks,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (1, 4, 4)
 
 
@@ -187,3 +195,97 @@ def test_inpainting_report_rows_and_grid(tmp_path):
     np.testing.assert_array_equal(rep.grid[2:4], (masks["half"] * x_test[:2]).numpy())
     save_grid_png(rep.grid, tmp_path / "g.png", nrow=rep.nrow)
     assert (tmp_path / "g.png").stat().st_size > 0
+
+
+# ---- rectflow sample --inpaint ---------------------------------------------------------------------------
+
+@pytest.fixture
+def ws(tmp_path: Path, monkeypatch) -> Path:
+    """Models (an image flow, a one-step student, a vector flow), 3 images and their files."""
+    models = tmp_path / "models"
+    models.mkdir()
+    for name, shape, meta in (("flow", SHAPE, {"role": "flow"}), ("student", SHAPE, {"role": "student", "steps": 1}),
+                              ("vec", (2,), {"role": "flow"})):
+        net, arch = mlp(shape)
+        save_model(models / name, net.state_dict(), arch, meta)
+    y, _, _ = draws(n=3)
+    np.save(tmp_path / "x.npy", y.numpy())
+    np.save(tmp_path / "x_flat.npy", y.numpy().reshape(3, 16))
+    pq.write_table(pa.table({f"d{i}": y.numpy().reshape(3, 16)[:, i] for i in range(16)}), tmp_path / "x.parquet")
+    np.save(tmp_path / "m.npy", standard_masks(SHAPE)["half"][0, 0].numpy())
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def sample(*args: str) -> int:
+    from flows.cli import app
+
+    return app(["sample", "--out", "out.parquet", *args], standalone_mode=False)
+
+
+def write(ws: Path, name: str, arr: np.ndarray) -> str:
+    np.save(ws / name, arr)
+    return name
+
+
+BAD = {  # name -> (arguments after --model, a word the line must hold)
+    "mask-without-inpaint": (["flow", "--mask", "m.npy"], "--mask FILE needs --inpaint FILE"),
+    "inpaint-without-mask": (["flow", "--inpaint", "x.npy"], "--inpaint FILE needs --mask FILE"),
+    "vector-model": (["vec", "--inpaint", "x.npy", "--mask", "m.npy"], "needs an image model"),
+    "wrong-dimension": (["flow", "--inpaint", "x5.npy", "--mask", "m.npy"], "expected images (n, 16) or (n, 1, 4, 4)"),
+    "nan-input": (["flow", "--inpaint", "xnan.npy", "--mask", "m.npy"], "contains NaN"),
+    "mask-shape": (["flow", "--inpaint", "x.npy", "--mask", "m3.npy"], "got (3, 3)"),
+    "mask-not-binary": (["flow", "--inpaint", "x.npy", "--mask", "mhalf.npy"], "found 0.5"),
+    "mask-count": (["flow", "--inpaint", "x.npy", "--mask", "m2.npy"], "holds 2 masks for 3 images"),
+    "mask-missing": (["flow", "--inpaint", "x.npy", "--mask", "nope.npy"], "--mask: nope.npy not found"),
+    "solver": (["flow", "--inpaint", "x.npy", "--mask", "m.npy", "--solver", "heun"], "steers Euler steps"),
+    "strength-alone": (["flow", "--strength", "0.5"], "--strength: only with --inpaint"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_sample_inpaint_bad_input_is_one_line_exit_2_nothing_written(ws, capsys, case):
+    write(ws, "x5.npy", np.zeros((3, 5), np.float32))
+    write(ws, "xnan.npy", np.where(np.eye(16)[:3].reshape(3, *SHAPE), np.nan, 0).astype(np.float32))
+    write(ws, "m3.npy", np.ones((3, 3)))
+    write(ws, "mhalf.npy", np.full(SHAPE, 0.5))
+    write(ws, "m2.npy", np.ones((2, *SHAPE)))
+    before = sorted(p.name for p in ws.rglob("*"))
+    args, word = BAD[case]
+    assert sample("--model", f"models/{args[0]}", *args[1:]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("rectflow: error: ") and word in err[0], err
+    assert sorted(p.name for p in ws.rglob("*")) == before
+
+
+@pytest.mark.parametrize("images", ["x.npy", "x_flat.npy", "x.parquet"])
+def test_sample_inpaint_student_completes_the_images(ws, capsys, images):
+    assert sample("--model", "models/student", "--inpaint", images, "--mask", "m.npy", "--steps", "3") in (0, None)
+    table = pq.read_table(ws / "out.parquet")
+    meta = json.loads(table.schema.metadata[b"rectflow"])
+    assert meta["nfe"] == 3 and meta["inpaint"]["nfe"] == 3 and meta["inpaint"]["file"] == images
+    assert set(meta["inpaint"]) == {"file", "mask", "nfe", "strength", "known_mse"}
+    x = np.stack([table.column(f"d{i}").to_numpy() for i in range(16)], 1).reshape(3, *SHAPE)
+    y = np.load(ws / "x.npy")
+    np.testing.assert_array_equal(x[:, :, :2], y[:, :, :2])  # the observed top half, as given
+    assert not np.allclose(x[:, :, 2:], y[:, :, 2:])
+
+
+def test_rectflow_sample_inpaint_end_to_end(ws):
+    """The real command line, in its own process: a flow at 4 steps, per-image Parquet masks."""
+    masks = np.stack([standard_masks(SHAPE)[k][0].numpy().reshape(16) for k in ("half", "centre", "random")])
+    pq.write_table(pa.table({f"d{i}": masks[:, i] for i in range(16)}), ws / "m.parquet")
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "sample", "--model", "models/flow", "--out", "o.parquet",
+                        "--inpaint", "x.npy", "--mask", "m.parquet", "--steps", "4", "--seed", "7"],
+                       cwd=ws, capture_output=True, text=True, timeout=120, check=False, env={"PYTHONPATH": str(ROOT), "PATH": ""})
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["nfe"] == 4
+    table = pq.read_table(ws / "o.parquet")
+    meta = json.loads(table.schema.metadata[b"rectflow"])
+    assert meta["inpaint"]["known_mse"] < 1e-10 and meta["seed"] == 7
+    x = np.stack([table.column(f"d{i}").to_numpy() for i in range(16)], 1)
+    y = np.load(ws / "x.npy").reshape(3, 16)
+    net, _ = mlp(SHAPE)
+    z0 = torch.randn((3, *SHAPE), generator=torch.Generator().manual_seed(7))
+    expected = inpaint(net, torch.from_numpy(y).reshape(3, *SHAPE), masks.reshape(3, *SHAPE), z0, 4).x
+    np.testing.assert_allclose(x, expected.numpy().reshape(3, 16), rtol=0, atol=1e-6)
