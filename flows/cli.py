@@ -196,36 +196,65 @@ def sample(
     schedule: Annotated[str, typer.Option(
         help="uniform | bellman: the model's saved BOSS time grid for K = --steps (models/NAME.schedule.json)"
     )] = "uniform",
+    inpaint: Annotated[Optional[Path], typer.Option(
+        "--inpaint", help="images to complete (with --mask): Parquet d0…, .npy (n, D) or (n, c, h, w); replaces --n")] = None,
+    mask: Annotated[Optional[Path], typer.Option(
+        "--mask", help="1 = observed, 0 = to fill: .npy (c, h, w), (h, w), (n, c, h, w), (n, h, w) or Parquet rows")] = None,
+    strength: Annotated[Optional[float], typer.Option(
+        min=0.0, help="steering step size η (with --inpaint; default rectflow.steer's)")] = None,
 ) -> None:
-    """Generate N samples with a saved model and write them as Parquet (columns d0, d1, …)."""
-    _guard(_sample, model, out, n, steps, solver, seed, schedule)
+    """Generate N samples with a saved model and write them as Parquet (columns d0, d1, …).
+
+    With ``--inpaint FILE --mask FILE``: complete those images where the mask is 0 instead
+    (FlowChef steering, :mod:`rectflow.steer`; a flow takes --steps Euler steps, a one-step student
+    --steps − 1 corrections, so NFE = --steps either way)."""
+    if (inpaint is None) != (mask is None):
+        fail("--inpaint FILE needs --mask FILE (1 = observed, 0 = to fill)" if mask is None
+             else "--mask FILE needs --inpaint FILE (the images to complete)")
+    if strength is not None and inpaint is None:
+        fail("--strength: only with --inpaint FILE --mask FILE")
+    if inpaint is not None:
+        _guard(_inpaint, model, out, inpaint, mask, steps, solver, seed, schedule, strength)
+    else:
+        _guard(_sample, model, out, n, steps, solver, seed, schedule)
 
 
-def _sample(model: str, out: Path, n: int, steps: int, solver: str, seed: int, schedule: str = "uniform") -> None:
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import torch
-
-    from rectflow.device import pick_device
-    from rectflow.io import atomic_path
-    from rectflow.models import load_model
-    from rectflow.solvers import solve
-
-    _check_solver(solver, schedule)
+def _check_out(out: Path, command: str = "sample") -> None:
+    """``--out`` is a .parquet path that can be written, checked before anything is computed."""
     if out.suffix not in (".parquet", ".pq"):
         fail(f"--out: expected a .parquet path, got {out}")
     if out.is_dir():
         fail(f"--out: {out} is a folder; expected the path of a .parquet file to write")
-    from rectflow.preflight import WorkspaceError, check_memory, check_writable, sample_needs
+    from rectflow.preflight import WorkspaceError, check_writable
 
-    try:  # before anything is computed: the file can be written there
-        check_writable("rectflow sample", [out.absolute()], Path.cwd())
+    try:
+        check_writable(f"rectflow {command}", [out.absolute()], Path.cwd())
     except WorkspaceError as e:
         fail(f"--out: {e}")
+
+
+def _load_sampler(model: str):  # type: ignore[no-untyped-def]
+    """``--model``'s stem, network, card and device (a path under models/ or an MLflow URI)."""
+    from rectflow.device import pick_device
+    from rectflow.models import load_model
+
     stem = _model_stem(model)
     dev = pick_device()
     net, card = load_model(stem, dev)
+    return stem, net, card, dev
+
+
+def _sample(model: str, out: Path, n: int, steps: int, solver: str, seed: int, schedule: str = "uniform") -> None:
+    import numpy as np
+    import torch
+
+    from rectflow.solvers import solve
+
+    _check_solver(solver, schedule)
+    _check_out(out)
+    from rectflow.preflight import check_memory, sample_needs
+
+    stem, net, card, dev = _load_sampler(model)
     check_memory(sample_needs(card["arch"], n, steps, solver), dev)  # ParamsError naming --n or --steps
     times = None
     if schedule == "bellman":  # models/NAME.schedule.json beside the weights; ModelError names it
@@ -250,10 +279,9 @@ def _sample(model: str, out: Path, n: int, steps: int, solver: str, seed: int, s
     meta = {"model": model, "shape": list(shape), "solver": solver, "schedule": grid, "nfe": sol.nfe, "seed": seed}
     if times is not None:
         meta["times"] = [float(t) for t in times.tolist()]
-    table = pa.table({f"d{i}": x[:, i] for i in range(x.shape[1])})
-    table = table.replace_schema_metadata({"rectflow": json.dumps(meta)})
-    with atomic_path(out) as tmp:
-        pq.write_table(table, tmp)
+    from rectflow.points import write_points
+
+    write_points(out, x, {}, meta)
     print(json.dumps({"out": str(out), "n": n, "shape": list(shape), "solver": solver, "schedule": grid, "nfe": sol.nfe}))
 
 
@@ -316,22 +344,12 @@ def transfer(model: Annotated[str, typer.Option(help="a flow between two data se
 
 def _move(model: str, inp: Path, out: Path, direction: str, steps: int, solver: str, schedule: str,
           command: str) -> None:
-    from rectflow.device import pick_device
-    from rectflow.models import load_model
     from rectflow.nets import ModelError
     from rectflow.points import flow_source, read_points, run_points, write_points
-    from rectflow.preflight import WorkspaceError, check_writable
 
     _check_solver(solver, schedule)
-    if out.suffix not in (".parquet", ".pq") or out.is_dir():
-        fail(f"--out: expected the path of a .parquet file to write, got {out}")
-    try:
-        check_writable(f"rectflow {command}", [out.absolute()], Path.cwd())
-    except WorkspaceError as e:
-        fail(f"--out: {e}")
-    stem = _model_stem(model)
-    dev = pick_device()
-    net, card = load_model(stem, dev)
+    _check_out(out, command)
+    stem, net, card, _ = _load_sampler(model)
     meta = card.get("meta", {})
     if meta.get("role", "flow") != "flow":
         raise ModelError(f"--model {model}: a {meta.get('steps', 1)}-step student is a map, not a velocity field: "
@@ -353,6 +371,76 @@ def _move(model: str, inp: Path, out: Path, direction: str, steps: int, solver: 
             "schedule": "adaptive" if solver == "rk45" else schedule, "nfe": nfe, "in": str(inp), "shape": list(shape)}
     write_points(out, y, carried, info)
     print(json.dumps({"out": str(out), "n": len(y), **{k: info[k] for k in ("direction", "solver", "schedule", "nfe")}}))
+
+
+def _inpaint(model: str, out: Path, images: Path, mask: Path, steps: int, solver: str, seed: int,
+             schedule: str, strength: float | None) -> None:
+    """``rectflow sample --inpaint IMAGES --mask MASK``: every input checked before anything is
+    computed (one line, exit 2, nothing written), then :func:`rectflow.steer.inpaint` for a flow (or a
+    k-step student) or :func:`rectflow.steer.inpaint_one_step` with ``steps − 1`` corrections for a
+    one-step student."""
+    import numpy as np
+    import torch
+
+    from rectflow.errors import RunFailedError
+    from rectflow.preflight import check_memory, sample_needs
+    from rectflow.steer import FLOW_STRENGTH, STUDENT_STRENGTH, inpaint, inpaint_one_step
+
+    if solver != "euler" or schedule != "uniform":
+        fail(f"--inpaint: steers Euler steps on a uniform grid; got --solver {solver} --schedule {schedule}")
+    _check_out(out)
+    _, net, card, dev = _load_sampler(model)
+    shape = tuple(card["arch"]["shape"])
+    if len(shape) != 3:
+        fail(f"--inpaint: needs an image model (data shape (c, h, w)); --model {model} has shape {shape}")
+    from rectflow.points import read_points
+
+    y = read_points(images, shape, "--inpaint")[0].numpy()
+    m = _read_mask(mask, shape, len(y))
+    check_memory(sample_needs(card["arch"], len(y), steps, "euler"), dev)
+    meta = card.get("meta", {})
+    one_step = meta.get("role", "flow") != "flow" and meta.get("steps", 1) == 1
+    eta = strength if strength is not None else (STUDENT_STRENGTH if one_step else FLOW_STRENGTH)
+    y_t = torch.from_numpy(y).to(dev)
+    z0 = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(dev)
+    res = inpaint_one_step(net, y_t, m, z0, steps - 1, eta) if one_step else inpaint(net, y_t, m, z0, steps, eta)
+    x = res.x.float().cpu().numpy().reshape(len(y), -1)
+    if not np.isfinite(x).all():  # never a NaN sample on disk
+        raise RunFailedError(f"--model {model}: {int((~np.isfinite(x)).any(1).sum())} of {len(y)} completions came out "
+                             f"NaN or infinite with --steps {steps}: the model diverges; nothing was written")
+    info = {"file": str(images), "mask": str(mask), "nfe": res.nfe, "strength": eta, "known_mse": res.known_mse}
+    from rectflow.points import write_points
+
+    write_points(out, x, {}, {"model": model, "shape": list(shape), "solver": "euler", "schedule": "uniform",
+                            "nfe": res.nfe, "seed": seed, "inpaint": info})
+    print(json.dumps({"out": str(out), "n": len(y), "shape": list(shape), "nfe": res.nfe, "inpaint": str(images)}))
+
+
+def _read_mask(path: Path, shape: tuple[int, ...], n: int):  # type: ignore[no-untyped-def]
+    """``--mask`` as float32 ``(1 or n, c, h, w)`` (:func:`rectflow.steer.check_mask`): a ``.npy``
+    of any shape it takes, or Parquet / ``.npy`` rows ``(m, D)``."""
+    import math
+
+    import numpy as np
+
+    from rectflow.data import DataError
+    from rectflow.io import require_file
+    from rectflow.steer import check_mask
+    from rectflow.tables import PARQUET, read_parquet
+
+    require_file(path, DataError, f"--mask: {path} not found")
+    if path.suffix.lower() in PARQUET:
+        m = read_parquet(path)[0]
+    elif path.suffix.lower() == ".npy":
+        try:
+            m = np.load(path, allow_pickle=False)
+        except Exception as e:  # noqa: BLE001 - a damaged file: name it, not the parser's internals
+            raise DataError(f"--mask {path}: cannot be read ({e.__class__.__name__}: {str(e)[:200]})") from None
+    else:
+        raise DataError(f"--mask {path}: unsupported file type {path.suffix!r}; expected .npy or .parquet")
+    if m.ndim == 2 and m.shape[1] == math.prod(shape) and m.shape != shape[1:]:
+        m = m.reshape(len(m), *shape)
+    return check_mask(m, shape, n, where=f"--mask {path}")
 
 
 @app.command()

@@ -120,12 +120,13 @@ def run_points(
     return y, nfe
 
 
-def write_points(out: Path, x: Tensor, carried: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-    """``x`` ``(n, *shape)`` as Parquet columns ``d0 …`` followed by ``carried``, in one rename."""
+def write_points(out: Path, x: Tensor | np.ndarray, carried: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    """``x`` ``(n, *shape)`` as Parquet columns ``d0 …`` followed by ``carried``, with ``meta`` as the
+    schema's ``rectflow`` JSON, in one rename (what ``rectflow sample``, ``invert`` and ``transfer`` write)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    flat = x.reshape(len(x), -1).numpy()
+    flat = (x.numpy() if isinstance(x, Tensor) else np.asarray(x)).reshape(len(x), -1)
     cols: dict[str, Any] = {f"d{i}": flat[:, i] for i in range(flat.shape[1])} | carried
     table = pa.table(cols).replace_schema_metadata({"rectflow": json.dumps(meta)})
     with atomic_path(out) as tmp:
