@@ -339,6 +339,10 @@ class EvaluateParams(Section):
         "StyleGAN2-ADA/EDM use) for `fid` beside `fd` in every row (rectflow/fid.py); never downloaded."
     )
     reconstruction: ReconstructionParams = Field(default_factory=ReconstructionParams)
+    inpaint_steps: PosInt = Field(
+        20, description="Images: the last flow's steered Euler steps when evaluate inpaints the held-out images "
+        "under the fixed masks (half, centre, random; the one-step student takes one correction)."
+    )
 
 
 class BellmanParams(Section):

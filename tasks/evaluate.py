@@ -13,6 +13,8 @@ held-out target samples; NFE is what the solver measured, not what was requested
 ``eval.json``'s ``reconstruction`` rows (``evaluate.reconstruction``): each flow inverts the held-out
 target rows (t: 1 → 0) and regenerates them with the same solver and steps; MSE per dimension (PSNR
 for images), in ``plots/reconstruction.csv`` and ``.png`` against NFE, and ``recon_*`` summary keys.
+For images, its ``inpainting`` rows: the held-out images completed under three fixed masks by the
+last flow and the one-step student (:func:`_inpainting`, ``plots/inpainting.png``).
 """
 
 from __future__ import annotations
@@ -161,8 +163,15 @@ def run(p: Params, layout: Layout) -> dict:
         print(f"[evaluate] {name:>16} {solver + row_tag(row):>16} nfe={row['nfe']:>4} w2={row['w2']:.4f}",
               file=sys.stderr, flush=True)
     recon = _reconstruction(p, groups["flows"], get, target.data, images)
-    atomic_write_json(layout.metrics / "eval.json", {"rows": rows, "reconstruction": recon})
+    extra: dict[str, Any] = {"reconstruction": recon}
+    if images:
+        extra["inpainting"] = _inpainting(p, layout, groups["flows"][-1], get, ref.to(dev), fd_ctx)
+    atomic_write_json(layout.metrics / "eval.json", {"rows": rows, **extra})
     summary = _summary(p, layout, rows, z0, ref) | _recon_summary(recon, groups["flows"])
+    for r in extra.get("inpainting", []):
+        summary[f"inpaint_mse/{r['model']}/{r['mask']}"] = r["masked_mse"]
+        if r.get("fd") is not None:
+            summary[f"inpaint_fd/{r['model']}/{r['mask']}"] = r["fd"]
     _plots(p, layout, rows, groups, z0)
     _recon_plots(layout, recon)
     if images:
@@ -194,6 +203,28 @@ def _reconstruction(p: Params, flows: list[str], get, test: torch.Tensor, images
                 print(f"[evaluate] {name:>16} {'reconstruct ' + solver:>22} nfe={m['nfe']:>4} mse={m['mse']:.3g}",
                       file=sys.stderr, flush=True)
     return out
+
+
+def _inpainting(p: Params, layout: Layout, teacher: str, get, x: torch.Tensor, fd_ctx) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
+    """Rows (model, mask, nfe, masked_mse, fd) of FlowChef inpainting (:mod:`rectflow.steer`) of the
+    held-out images ``x`` under the fixed masks, by ``teacher`` at ``evaluate.inpaint_steps`` steered
+    Euler steps and by the one-step student with one correction; ``plots/inpainting.png``: per mask,
+    rows of truth, masked input, teacher's and student's completions."""
+    from rectflow.imaging import save_grid_png
+    from rectflow.steer import inpainting_report, standard_masks
+
+    fd_fn = (lambda y: fd_ctx(y)["fd"]) if fd_ctx is not None else None
+    rep = inpainting_report((teacher, get(teacher)[0]), ("distilled", get("distilled")[0]), x,
+                            standard_masks(tuple(x.shape[1:]), seed=p.seed), steps=p.evaluate.inpaint_steps,
+                            fd_fn=fd_fn, seed=p.seed + EVAL_SEED_OFFSET)
+    save_grid_png(rep.grid, layout.plots / "inpainting.png", nrow=rep.nrow, scale=3)
+    if fd_fn is not None:  # the floor: FD of the held-out images themselves at this sample size
+        rep.rows.append({"model": "held-out", "mask": "none", "nfe": 0, "masked_mse": 0.0, "fd": fd_fn(x)})
+    for r in rep.rows:
+        print(f"[evaluate] {r['model']:>16} {'inpaint ' + r['mask']:>22} nfe={r['nfe']:>4} "
+              f"mse={r['masked_mse']:.4f}" + (f" fd={r['fd']:.3f}" if r.get("fd") is not None else ""),
+              file=sys.stderr, flush=True)
+    return rep.rows
 
 
 def _recon_summary(recon: list[dict[str, Any]], flows: list[str]) -> dict[str, float]:

@@ -166,4 +166,15 @@ def test_digits_end_to_end(tmp_path, root):
                 f"{'-bellman' if r['schedule'] == 'bellman' else ''}.png").is_file()
     assert (tmp_path / "plots" / "side_by_side.png").stat().st_size > 1000
     assert (tmp_path / "plots" / "trajectories.png").stat().st_size > 1000
+    # running backwards: every flow reconstructs the held-out images (PSNR), both models inpaint them
+    ev = json.loads((tmp_path / "metrics" / "eval.json").read_text())
+    recon = {(r["model"], r["solver"], r["steps"]): r for r in ev["reconstruction"]}
+    assert len(recon) == 2 * (3 * 4 + 1) and all(r["mse"] >= 0 and "psnr" in r for r in recon.values())
+    assert recon[("rf1", "midpoint", 4)]["nfe"] == 8 and recon[("rf2", "rk45", None)]["nfe_total"] > 2
+    inp = {(r["model"], r["mask"]): r for r in ev["inpainting"]}
+    assert set(inp) == {(m, k) for m in ("rf2", "distilled") for k in ("half", "centre", "random")} | {("held-out", "none")}
+    assert inp[("rf2", "half")]["nfe"] == 20 and inp[("distilled", "random")]["nfe"] == 2
+    assert all(r["fd"] >= 0 and r["masked_mse"] >= 0 for r in inp.values())
+    assert (tmp_path / "plots" / "inpainting.png").stat().st_size > 1000
+    assert (tmp_path / "plots" / "reconstruction.png").stat().st_size > 1000
     assert_declared_outputs_exist(tmp_path, root)
