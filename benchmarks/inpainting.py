@@ -114,18 +114,26 @@ def main() -> None:
            "rows": rows, "baselines": baselines, "sweep": sweep, "timings": timings,
            "grid": f"{png.name}: per mask (half, centre, random) 4 rows of 8 test digits: truth, masked input, "
                    "rf2 (20 steps), distilled (1 correction)"}
-    path = common.write_result(NAME, out)
-
     table = [[r["model"], r["mask"], r.get("nfe", ""), f"{r['masked_mse']:.4f}", f"{r['fd']:.2f}"]
              for r in sorted(rows + baselines, key=lambda r: (r["mask"], r["masked_mse"]))]
-    print(f"CPU: {env['cpu']}, torch threads {env['torch_threads']}; FD of the true test digits: {out['fd_truth']:.2f}\n")
-    print(common.md_table(["model", "mask", "NFE", "masked MSE", "FD"], table))
-    print("\nη sweep (masked MSE):\n")
-    print(common.md_table(["η", "mask", "rf2, 20 steps", "distilled, 1 correction"],
-                          [[s["strength"], s["mask"], f"{s['rf2']:.4f}", f"{s['distilled']:.4f}"] for s in sweep]))
-    print("\n" + "\n".join(f"- {k}: {v:.3g}" for k, v in timings.items()))
-    print(f"\n{path}\n{png}")
-
+    md = "\n".join([
+        "## Inpainting on digits (FlowChef steering)", "",
+        f"`python -m benchmarks.inpainting --workspace {ws}`. " + common.env_lines(env), "",
+        f"{n} held-out digits, masks of `rectflow.steer.standard_masks` (bottom half, centre square, 50% random "
+        "pixels hidden); masked MSE over the hidden pixels only; FD of the completions to the training digits "
+        f"(the workspace's feature network; the true test digits score **{out['fd_truth']:.2f}**, the floor at "
+        f"this sample size). Flows: {STEPS} steered Euler steps, η = {FLOW_STRENGTH:g}; the student: one "
+        f"correction, η = {STUDENT_STRENGTH:g}. Baselines on the same pixels: unsteered samples from the same "
+        "noise, the training mean, the nearest training digit on the known pixels.", "",
+        common.md_table(["model", "mask", "NFE", "masked MSE", "FD"], table), "",
+        "η sweep (masked MSE):", "",
+        common.md_table(["η", "mask", "rf2, 20 steps", "distilled, 1 correction"],
+                        [[s["strength"], s["mask"], f"{s['rf2']:.4f}", f"{s['distilled']:.4f}"] for s in sweep]),
+        "", "Timings: " + "; ".join(f"{k}: {v:.3g}" for k, v in timings.items()) + ".", "",
+        f"![inpainting examples](benchmarks/results/{png.name}) (per mask: truth, masked input, rf2, distilled)",
+    ])
+    common.publish(NAME, out, md, quick=False)
+    print(png)
 
 if __name__ == "__main__":
     main()
