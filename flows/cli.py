@@ -314,6 +314,7 @@ def _model_stem(model: str) -> Path:
     return stem
 
 
+BATCH = 8192  # points moved at once by invert and transfer
 InOpt = Annotated[Path, typer.Option("--in", help="points: .parquet (columns d0, d1, …; others carried) or .npy")]
 OutOpt = Annotated[Path, typer.Option(help="output .parquet")]
 FlowSteps = Annotated[int, typer.Option(min=1, max=INT64_MAX, help="steps of a fixed-step solver")]
@@ -349,7 +350,7 @@ def _move(model: str, inp: Path, out: Path, direction: str, steps: int, solver: 
 
     _check_solver(solver, schedule)
     _check_out(out, command)
-    stem, net, card, _ = _load_sampler(model)
+    stem, net, card, dev = _load_sampler(model)
     meta = card.get("meta", {})
     if meta.get("role", "flow") != "flow":
         raise ModelError(f"--model {model}: a {meta.get('steps', 1)}-step student is a map, not a velocity field: "
@@ -361,12 +362,15 @@ def _move(model: str, inp: Path, out: Path, direction: str, steps: int, solver: 
                          "use rectflow invert for noise")
     shape = tuple(card["arch"]["shape"])
     x, carried = read_points(inp, shape, "--in")
+    from rectflow.preflight import check_memory, sample_needs
+
+    check_memory(sample_needs(card["arch"], min(len(x), BATCH), steps, solver), dev)  # a batch at a time
     times = None
     if schedule == "bellman":
         from rectflow.schedule import schedule_times
 
         times = schedule_times(stem, steps, meta.get("sha256"))
-    y, nfe = run_points(net, x, direction, solver, None if solver == "rk45" else steps, times=times)
+    y, nfe = run_points(net, x, direction, solver, None if solver == "rk45" else steps, times=times, batch_size=BATCH)
     info = {"model": model, "command": command, "direction": direction, "solver": solver,
             "schedule": "adaptive" if solver == "rk45" else schedule, "nfe": nfe, "in": str(inp), "shape": list(shape)}
     write_points(out, y, carried, info)
