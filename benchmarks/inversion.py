@@ -103,6 +103,18 @@ def run_one(cfg: InversionConfig, task: str, seed: int, tmp: Path) -> dict[str, 
     return out
 
 
+def collect(ws: Path, earlier: list[dict[str, Any]]) -> dict[str, Any]:
+    """The figures of a finished workspace as its mode's run, merged with an earlier run of the same
+    task and seed (its other modes kept)."""
+    import yaml
+
+    p = yaml.safe_load((ws / "params.resolved.yaml").read_text())
+    task, seed, mode = p["data"]["target"], p["seed"], p["couple"]["source"]
+    out = next((dict(r) for r in earlier if (r["task"], r["seed"]) == (task, seed)), {"task": task, "seed": seed})
+    out[mode] = _figures(ws, {"executed": list(STAGES)}, float("nan"))
+    return out
+
+
 def _recon(run: dict[str, Any], model: str, solver: str, steps: int | None) -> float | None:
     return next((r["mse"] for r in run["reconstruction"] if r["model"] == model and r["solver"] == solver
                  and r["steps"] == steps), None)
@@ -122,7 +134,7 @@ def markdown(data: dict[str, Any]) -> str:
              "the same solver and steps; MSE per dimension, mean ± std over seeds, from the `noise` run "
              "(rf2 made from noise pairs, the default).", ""]
     for task in data["config"]["tasks"]:
-        rs = [r for r in runs if r["task"] == task]
+        rs = [r for r in runs if r["task"] == task and "noise" in r]
         if not rs:
             continue
         table = []
@@ -148,9 +160,10 @@ def markdown(data: dict[str, Any]) -> str:
         rs = [r for r in runs if r["task"] == task]
         if not rs:
             continue
-        images = "fd/distilled_1" in rs[0]["noise"]
+        images = any("fd/distilled_1" in r[m] for r in rs for m in MODES if m in r)
         table = []
-        for mode in MODES:
+        missing = [m for m in MODES if any(m not in r for r in rs)]
+        for mode in (m for m in MODES if m not in missing):
             row = [mode, common.fmt_pm([r[mode]["w2/rf2_1"] for r in rs], 4),
                    common.fmt_pm([r[mode]["w2/distilled_1"] for r in rs], 4)]
             if images:
@@ -166,6 +179,8 @@ def markdown(data: dict[str, Any]) -> str:
         head = ["couple.source", "rf2 W2 @1", "student W2 @1"]
         head += ["rf2 FD @1", "student FD @1", "student FD / rf1 FD @100"] if images else ["student W2 / rf1 @100"]
         lines += [f"**{task}**:", "", common.md_table([*head, "rf2 straightness", "couple+reflow+distill s"], table), ""]
+        if missing:
+            lines += [f"({task}: {', '.join(missing)} not measured yet.)", ""]
     return "\n".join(lines)
 
 
@@ -175,6 +190,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--tasks", nargs="+", choices=("moons", "digits", "8gaussians", "checkerboard"))
     ap.add_argument("--seeds", type=int, nargs="+")
     ap.add_argument("--keep", help="keep the workspaces in this folder")
+    ap.add_argument("--collect", type=Path, metavar="WORKSPACE",
+                    help="add the figures of a finished workspace (its couple.source's run of its task and seed) "
+                         "to the results instead of running anything")
     args = ap.parse_args(argv)
     cfg = _quick() if args.quick else InversionConfig()
     from dataclasses import replace
@@ -188,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # The runs of tasks not run now are kept from the last results (one task per invocation is fine).
     old = common.result_path(NAME, args.quick)
     kept = [] if not old.is_file() else [r for r in json.loads(old.read_text())["result"]["runs"]
-                                         if r["task"] not in cfg.tasks]
+                                         if args.collect or r["task"] not in cfg.tasks]
     runs: list[dict[str, Any]] = []
 
     def data() -> dict[str, Any]:
@@ -196,12 +214,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {"benchmark": NAME, "command": command, "config": asdict(cfg) | {"tasks": tasks}, "environment": env,
                 "environment_after": {"loadavg": common.loadavg()}, "result": {"runs": kept + runs}}
 
-    with tempfile.TemporaryDirectory(prefix="rectflow-inversion-") as tmp:
-        where = Path(args.keep) if args.keep else Path(tmp)
-        for task in cfg.tasks:
-            for seed in cfg.seeds.get(task, (0,)):
-                runs.append(run_one(cfg, task, seed, where))
-                common.write_result(NAME, data(), args.quick)  # what is done is kept if a later run fails
+    if args.collect:
+        runs.append(collect(args.collect, kept))
+        kept[:] = [r for r in kept if (r["task"], r["seed"]) != (runs[0]["task"], runs[0]["seed"])]
+        cfg = replace(cfg, tasks=(runs[0]["task"],))
+    else:
+        with tempfile.TemporaryDirectory(prefix="rectflow-inversion-") as tmp:
+            where = Path(args.keep) if args.keep else Path(tmp)
+            for task in cfg.tasks:
+                for seed in cfg.seeds.get(task, (0,)):
+                    runs.append(run_one(cfg, task, seed, where))
+                    common.write_result(NAME, data(), args.quick)  # what is done is kept if a later run fails
     common.publish(NAME, data(), markdown(data()), args.quick)
     return data()
 
