@@ -151,9 +151,18 @@ def markdown(data: dict[str, Any]) -> str:
                 ratio = [b / a for r in rs if (a := _recon(r["noise"], "rf1", solver, steps)) and
                          (b := _recon(r["noise"], "rf2", solver, steps)) is not None]
                 table.append([solver, "adaptive" if steps is None else steps, *cells, common.fmt_pm(ratio, 4)])
+        equal = []  # the same NFE per direction: Euler at n steps against the 2-NFE steppers at n / 2
+        for nfe in (2, 4, 8):
+            if nfe in steps_list and nfe // 2 in steps_list:
+                for model in ("rf1", "rf2"):
+                    cells = [_sci([v for r in rs if (v := _recon(r["noise"], model, solver, k)) is not None])
+                             for solver, k in (("euler", nfe), ("heun", nfe // 2), ("midpoint", nfe // 2))]
+                    equal.append([nfe, model, *cells])
         lines += [f"**{task}**, seeds {', '.join(str(r['seed']) for r in rs)}:", "",
                   common.md_table(["solver", "steps (NFE: × 1 Euler, × 2 Heun, midpoint)", "rf1 MSE", "rf2 MSE",
-                                   "rf2 / rf1"], table), ""]
+                                   "rf2 / rf1"], table), "",
+                  "At equal NFE per direction:", "",
+                  common.md_table(["NFE", "flow", "Euler", "Heun", "midpoint (RF-Solver)"], equal), ""]
     lines += ["Inversion pairs (`couple.source`), same rf1; W2 (and FD) at 1 NFE, and the student against rf1 "
               "at 100 Euler steps:", ""]
     for task in data["config"]["tasks"]:
