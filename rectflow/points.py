@@ -58,8 +58,9 @@ def read_points(path: Path, shape: tuple[int, ...], flag: str = "--in") -> tuple
             raise DataError(f"{where}: not a readable .npy array ({' '.join(str(e).split())[:120]})") from None
         if x.dtype.kind not in "iuf" or x.ndim < 2 or int(np.prod(x.shape[1:])) != dim \
                 or (x.ndim > 2 and tuple(x.shape[1:]) != tuple(shape)):
-            raise DataError(f"{where}: expected a numeric array of shape (n, {dim}) or (n, {', '.join(map(str, shape))}) "
-                            f"for this model, got {x.dtype} {tuple(x.shape)}")
+            forms = f"(n, {dim})" + (f" or (n, {', '.join(map(str, shape))})" if len(shape) > 1 else "")
+            raise DataError(f"{where}: expected a numeric array of shape {forms} for this model, got {x.dtype} "
+                            f"{tuple(x.shape)}")
         x = x.reshape(len(x), dim)
     elif path.suffix in (".parquet", ".pq"):
         import pyarrow.parquet as pq
