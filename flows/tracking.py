@@ -28,7 +28,7 @@ from rectflow.secrets import SplitError, redact_text, redact_url, split_environm
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 LOCAL_URI = "sqlite:///mlflow.db"
-MODEL_STAGES = {"pretrain": ["rf1"], "distill": ["distilled"], "quantize": ["distilled-int8", "distilled-bf16"]}
+MODEL_STAGES = {"pretrain": ["rf1"], "distill": ["distilled"]}  # quantize: the variants its record names
 SECRET_HINTS = ("secret", "password", "token", "access_key", "credential")
 
 
@@ -216,7 +216,8 @@ class Tracker:
             self.client.log_artifact(run_id, str(layout.stage_metrics(stage)), "metrics")
         from rectflow.schedule import schedule_path
 
-        for name in MODEL_STAGES.get(stage, []) + (_reflow_models(record) if stage == "reflow" else []):
+        for name in MODEL_STAGES.get(stage, []) + (_reflow_models(record) if stage == "reflow" else []) + (
+                [m["model"] for m in record.get("models", [])] if stage == "quantize" else []):
             # weights, card and (flows) the BOSS step schedules: `rectflow sample --schedule bellman`
             # finds NAME.schedule.json beside the weights it downloads
             for path in (*(layout.model(name).with_suffix(s) for s in (".safetensors", ".json")),
@@ -232,7 +233,7 @@ class Tracker:
                 tag = "-bellman" if r.get("schedule") == "bellman" else ""
                 key = f"{r['model']}/{r['solver']}{tag}/nfe{r['nfe']}"
                 ms = [Metric(f"eval/{key}/{m}", float(r[m]), now, int(r["nfe"]))
-                      for m in ("w2", "mmd", "transport_cost", "latency_ms", "fd") if r.get(m) is not None]
+                      for m in ("w2", "mmd", "transport_cost", "latency_ms", "latency_b1_ms", "fd") if r.get(m) is not None]
                 self.client.log_batch(run_id, metrics=ms)
             self.client.log_artifact(run_id, str(layout.metrics / "eval.json"), "metrics")
             for plot in sorted(layout.plots.glob("*")):

@@ -268,17 +268,55 @@ class DistillParams(TrainParams):
         default_factory=AdversarialParams,
         description="weight (λ; 0: off), lr, channels of the discriminator added to the regression.",
     )
+    student: ModelParams | None = Field(
+        None, description="The students' own architecture (keys as in `model`; kind auto follows the data). "
+        "None: the teacher's, initialised from its weights; another architecture starts from random weights.",
+    )
     steps: PosInt = 3000
     lr: PosFloat = 2e-4
     warmup: NonNegInt = 0
 
 
+QuantVariant = Literal["int8", "int4", "bf16"]
+
+
+class Int4Params(Section):
+    group_size: Literal[32, 64, 128, 256] = Field(
+        32, description="Input columns per int4 scale/offset (a layer's columns are zero-padded to a multiple)."
+    )
+    awq: bool = Field(True, description="Activation-aware input scales (AWQ), searched on calibration draws; "
+                      "false: plain round-to-nearest.")
+    calibration: PosInt = Field(256, description="Source draws the AWQ search runs on.")
+    backend: Literal["auto", "int4pack", "dequant"] = Field(
+        "auto", description="int4 Linear path: the x86 int4 kernel (int4pack), weights dequantized at load "
+        "(dequant), or auto (measured choice).",
+    )
+
+
 class QuantizeParams(Section):
-    int8: bool = True
-    half: bool = True
+    variants: list[QuantVariant] = Field(
+        ["int8", "int4", "bf16"], description="Quantized variants of every student: int8 (per-channel), int4 "
+        "(group-wise, AWQ), bf16; each written as models/STUDENT-VARIANT and evaluated beside it.",
+    )
     backend: Literal["auto", "torchao", "dynamic"] = Field(
         "auto", description="int8 path: torchao, torch.ao dynamic, or auto (measured choice)."
     )
+    int4: Int4Params = Int4Params()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and {"int8", "half"} & set(data):
+            raise PydanticCustomError("renamed", "the keys int8 and half were replaced by variants "
+                                      "(a list of int8, int4, bf16)")
+        return data
+
+    @field_validator("variants")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise PydanticCustomError("duplicate", "each variant at most once")
+        return v
 
 
 class GridEntry(Section):

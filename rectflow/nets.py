@@ -189,14 +189,18 @@ def _check_against_card(stem: Path, state: dict[str, Tensor]) -> None:
 
 def check_state(model: nn.Module, state: dict[str, Tensor], where: Path) -> None:
     """Raise :class:`ModelError` naming the first key whose presence or shape disagrees."""
-    expected = model.state_dict()
+    check_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()}, state, where, "weights")
+
+
+def check_shapes(expected: dict[str, tuple[int, ...]], state: dict[str, Tensor], where: Path, what: str) -> None:
+    """:class:`ModelError` naming ``where`` and the first key of ``state`` missing, unexpected or of
+    another shape than ``expected`` says (``what``: "weights", "int4 weights", …)."""
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     if missing or extra:
-        what = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
-        raise ModelError(f"{where}: weights do not match the architecture ({what})")
-    for k, v in expected.items():
-        if tuple(state[k].shape) != tuple(v.shape):
-            raise ModelError(
-                f"{where}: weights do not match the architecture ({k}: {tuple(state[k].shape)} vs {tuple(v.shape)})"
-            )
+        first = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
+        raise ModelError(f"{where}: {what} do not match the architecture ({first})")
+    for k, shape in expected.items():
+        if tuple(state[k].shape) != tuple(shape):
+            raise ModelError(f"{where}: {what} do not match the architecture ({k}: {tuple(state[k].shape)} vs "
+                             f"{tuple(shape)})")

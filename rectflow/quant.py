@@ -8,11 +8,16 @@ On disk a quantized model is still ``NAME.safetensors`` + ``NAME.json``:
   ``torchao`` (weight-only int8, ``Int8WeightOnlyConfig``; the maintained PyTorch path) or
   ``dynamic`` (``torch.ao.quantization.quantize_dynamic``, deprecated, int8 activations too).
   Convolutions (U-Net) stay in float32 weights dequantized from int8 storage.
+- ``int4``: every Linear and Conv2d weight group-wise asymmetric 4-bit (``W ≈ q · scale + offset``
+  per ``group_size`` input columns, codes packed two to a byte, scales and offsets float16), each
+  Linear with AWQ's activation-aware input scales searched on calibration draws of the model's
+  source (:func:`awq_scales`). Linears compute through the x86 int4 kernel (``int4pack``) or
+  weights dequantized at load (``dequant``), whichever measures faster; convolutions dequantized.
 - ``bf16``: every floating tensor stored and computed in bfloat16 (native on AVX-512-bf16 CPUs and
   on recent GPUs; float16 is emulated on CPUs and much slower).
 
-:func:`quantize_int8` picks the backend by measuring both on the target batch size when
-``backend="auto"`` and records the choice in ``meta``.
+The quantize stage picks each variant's backend by measuring the candidates at the evaluation batch
+size (``auto``) and records the choice and the timings in ``meta``.
 """
 
 from __future__ import annotations
@@ -26,9 +31,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rectflow.nets import build_model, check_state, load_state
+from rectflow.nets import ModelError, build_model, check_shapes, check_state, load_state
 
-__all__ = ["dequantize_state", "int8_state", "load_quantized", "apply_backend", "pick_backend"]
+__all__ = ["dequantize_state", "int8_state", "load_quantized", "apply_backend", "pick_backend", "int4_state",
+           "pack_int4", "unpack_int4", "quantize_int4", "dequantize_int4", "awq_scales", "Int4Linear",
+           "pick_int4_backend"]
 
 
 def _linear_weight_keys(model: nn.Module) -> set[str]:
@@ -124,7 +131,12 @@ def load_quantized(stem: Path, card: dict[str, Any], device: torch.device | str)
         if torch.device(device).type != "cpu":
             return model.to(device)  # int8 CPU kernels; on GPU run the dequantized weights
         return apply_backend(model, card["meta"].get("backend", "torchao"))
-    raise ValueError(f"{Path(stem).with_suffix('.json')}: unknown quantization {quant!r}")
+    if quant == "int4":
+        backend = card["meta"].get("backend", "dequant")
+        if torch.device(device).type != "cpu":
+            backend = "dequant"  # the int4pack kernel is the x86 one; elsewhere run the dequantized weights
+        return build_int4(card, state, backend, where).to(device)
+    raise ModelError(f"{Path(stem).with_suffix('.json')}: unknown quantization {quant!r} (expected int8, int4 or bf16)")
 
 
 class _BF16(nn.Module):
@@ -136,3 +148,267 @@ class _BF16(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         return self.inner(x.to(torch.bfloat16), t.to(torch.bfloat16)).to(x.dtype)
+
+
+# ---- int4: group-wise weight-only, activation-aware (AWQ) ----------------------------------------
+
+INT4_KEYS = (".q4", ".scale4", ".offset4", ".act")
+
+
+def pack_int4(q: Tensor) -> Tensor:
+    """``(N, K)`` integers in [0, 15] (K even) → ``(N, K / 2)`` uint8, column 2j in the low nibble."""
+    if q.shape[-1] % 2:
+        raise ValueError(f"pack_int4: the last dimension must be even, got {tuple(q.shape)}")
+    q = q.to(torch.uint8)
+    return q[..., 0::2] | (q[..., 1::2] << 4)
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    """Inverse of :func:`pack_int4`: ``(N, K / 2)`` uint8 → ``(N, K)`` uint8 in [0, 15]."""
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2)
+
+
+def _padded(k: int, group: int) -> int:
+    return -(-k // group) * group
+
+
+def quantize_int4(w: Tensor, group: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Asymmetric group-wise 4-bit of ``w`` ``(N, K)``: ``W ≈ q · scale + offset`` per group of
+    ``group`` input columns (K zero-padded to a multiple of ``group``).
+
+    Returns ``q`` ``(N, Kp)`` uint8 in [0, 15], ``scale`` and ``offset`` ``(N, Kp / group)`` float16;
+    ``q`` is computed against the float16-rounded scale and offset, so a weight already on the grid
+    comes back exactly.
+    """
+    n, k = w.shape
+    kp = _padded(k, group)
+    wp = torch.nn.functional.pad(w.detach().float(), (0, kp - k)).view(n, kp // group, group)
+    lo, hi = wp.amin(-1), wp.amax(-1)
+    scale = ((hi - lo) / 15).clamp_min(1e-8).half()
+    offset = lo.half()
+    q = torch.round((wp - offset.float()[..., None]) / scale.float()[..., None]).clamp(0, 15)
+    return q.to(torch.uint8).view(n, kp), scale, offset
+
+
+def dequantize_int4(q: Tensor, scale: Tensor, offset: Tensor, k: int) -> Tensor:
+    """``(N, Kp)`` codes and ``(N, G)`` scales/offsets → the float32 ``(N, k)`` weight."""
+    n, kp = q.shape
+    g = kp // scale.shape[1]
+    w = q.view(n, -1, g).float() * scale.float()[..., None] + offset.float()[..., None]
+    return w.view(n, kp)[:, :k]
+
+
+def _awq_candidates(w: Tensor, mean_abs: Tensor, group: int, grid: int):  # type: ignore[no-untyped-def]
+    """For α on ``grid`` points of [0, 1]: (α, s per input channel, the float weight the layer
+    computes with). ``w`` is ``(N, K)`` (a convolution flattened, K = C · kh · kw), ``mean_abs``
+    ``(C,)``; each channel's scale covers its K / C columns."""
+    rep = w.shape[1] // mean_abs.numel()
+    for i in range(grid):
+        alpha = i / (grid - 1)
+        s = mean_abs.pow(alpha)
+        s = s / (s.max() * s.min()).sqrt()
+        cols = s.repeat_interleave(rep)
+        q, sc, off = quantize_int4(w * cols, group)
+        yield alpha, s, dequantize_int4(q, sc, off, w.shape[1]) / cols  # (x / s) Q(W s)ᵀ = x (Q(W s) / s)ᵀ
+
+
+def awq_scales(w: Tensor, x: Tensor, group: int, grid: int = 11) -> tuple[Tensor, float, float]:
+    """AWQ's per-input-channel scale ``s = mean|x|^α`` (normalised to geometric mean 1) for one
+    layer alone: α on ``grid`` points of [0, 1] for the least ``‖x Wᵀ − (x / s) Q(W · s)ᵀ‖²`` on the
+    calibration inputs ``x`` ``(n, K)``. Returns ``(s (K,), α, relative error at α)``; α = 0 is plain
+    round-to-nearest (s = 1)."""
+    w, x = w.detach().float(), x.detach().float()
+    ref = x @ w.T
+    best: tuple[float, float, Tensor] = (float("inf"), 0.0, torch.ones(w.shape[1]))
+    for alpha, s, wq in _awq_candidates(w, x.abs().mean(0).clamp_min(1e-8), group, grid):
+        err = (x @ wq.T - ref).pow(2).sum().item()
+        if err < best[0]:
+            best = (err, alpha, s)
+    return best[2], best[1], best[0] / max(ref.pow(2).sum().item(), 1e-30)
+
+
+def _input_magnitudes(model: nn.Module, calib: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
+    """mean |input| per input channel of every Linear and Conv2d of ``model`` on the calibration
+    batch ``(x, t)``, in the order the forward pass reaches them."""
+    seen: dict[str, Tensor] = {}
+
+    def hook(name: str, conv: bool):  # type: ignore[no-untyped-def]
+        def f(_m: nn.Module, args: tuple[Tensor, ...]) -> None:
+            a = args[0].detach().float()
+            seen[name] = a.abs().mean((0, 2, 3)) if conv else a.flatten(0, -2).abs().mean(0)
+        return f
+
+    hooks = [m.register_forward_pre_hook(hook(name, isinstance(m, nn.Conv2d)))
+             for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    try:
+        with torch.no_grad():
+            model(*calib)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def int4_state(model: nn.Module, group: int, calib: tuple[Tensor, Tensor] | None,
+               grid: int = 11) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Group-wise int4 of every Linear and Conv2d weight (``KEY.q4`` packed uint8, ``KEY.scale4`` and
+    ``KEY.offset4`` float16; a convolution flattened to ``(out, in · kh · kw)``).
+
+    With a calibration batch ``calib`` = ``(x, t)`` every such layer gets AWQ's activation-aware
+    input-channel scales ``s = mean|x|^α`` (``KEY.act`` = s, float32: the layer computes
+    ``(x / s) ∗ Q(W · s)``), α searched on ``grid`` points of [0, 1] against the *model's output*:
+    layer by layer in forward order, earlier layers already quantized, the α with the least mean
+    squared output error on the calibration batch wins (α = 0, round-to-nearest, is a candidate).
+    Without it every layer is rounded to nearest. Every other tensor stays float32. Returns the state
+    and a per-layer report (α, output MSE relative to the output's mean square)."""
+    import copy
+
+    kinds = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    codes: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+    scales: dict[str, Tensor] = {}
+    report: dict[str, Any] = {}
+    if calib is None:
+        for key, mod in kinds.items():
+            codes[key] = quantize_int4(mod.weight.detach().float().flatten(1), group)
+    else:
+        work = copy.deepcopy(model).eval()
+        mods = dict(work.named_modules())
+        magnitudes = _input_magnitudes(model, calib)
+        with torch.no_grad():
+            ref = model(*calib).float()
+            norm = ref.pow(2).mean().clamp_min(1e-30).item()
+            for name, mean_abs in magnitudes.items():
+                key, layer = f"{name}.weight", mods[name]
+                w = kinds[key].weight.detach().float().flatten(1)
+                best: tuple[float, float, Tensor, Tensor] | None = None
+                for alpha, s, wq in _awq_candidates(w, mean_abs.clamp_min(1e-8), group, grid):
+                    layer.weight.copy_(wq.view_as(layer.weight))
+                    err = (work(*calib).float() - ref).pow(2).mean().item()
+                    if best is None or err < best[0]:
+                        best = (err, alpha, s, wq)
+                assert best is not None
+                layer.weight.copy_(best[3].view_as(layer.weight))
+                scales[key] = best[2]
+                codes[key] = quantize_int4(w * best[2].repeat_interleave(w.shape[1] // best[2].numel()), group)
+                report[name] = {"alpha": best[1], "rel_error": best[0] / norm}
+        for key, mod in kinds.items():  # a layer the forward pass never reached: rounded to nearest
+            codes.setdefault(key, quantize_int4(mod.weight.detach().float().flatten(1), group))
+    out: dict[str, Tensor] = {}
+    for key, v in model.state_dict().items():
+        if key not in kinds:
+            out[key] = v.detach().float()
+            continue
+        q, scale, offset = codes[key]
+        out[f"{key}.q4"], out[f"{key}.scale4"], out[f"{key}.offset4"] = pack_int4(q), scale, offset
+        if key in scales:
+            out[f"{key}.act"] = scales[key]
+    return out, report
+
+
+class Int4Linear(nn.Module):
+    """``y = (x / s) · Q(W · s)ᵀ + b`` from int4 codes, through one of two backends:
+
+    - ``int4pack``: the codes repacked for ``torch.ops.aten._weight_int4pack_mm_for_cpu`` (x86 int4
+      kernel, weights stay 4-bit in memory); input columns zero-padded to the group multiple;
+    - ``dequant``: the weight unpacked once to float32 at load time (fp32 speed, fp32 memory).
+    """
+
+    def __init__(self, q4: Tensor, scale: Tensor, offset: Tensor, act: Tensor | None, bias: Tensor | None,
+                 in_features: int, backend: str) -> None:
+        super().__init__()
+        self.in_features, self.backend = in_features, backend
+        q = unpack_int4(q4)
+        self.register_buffer("inv_act", None if act is None else 1.0 / act.float())
+        self.register_buffer("bias", None if bias is None else bias.float())
+        self.group = q.shape[1] // scale.shape[1]
+        self.kp = q.shape[1]
+        self.out_features = q.shape[0]
+        if backend == "int4pack":
+            # the kernel wants N a multiple of 16: zero rows are added and their outputs dropped
+            extra = _padded(self.out_features, 16) - self.out_features
+            q, sc, off = (torch.nn.functional.pad(a, (0, 0, 0, extra)) for a in (q, scale.float(), offset.float()))
+            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
+            # the kernel's form: w = (q − 8) · scale + zero, scales and zeros (G, N, 2)
+            self.register_buffer("scale_zeros", torch.stack([sc, off + 8 * sc], -1).transpose(0, 1).contiguous())
+        elif backend == "dequant":  # 1 / s folded into the weight's columns
+            w = dequantize_int4(q, scale, offset, in_features)
+            self.register_buffer("weight", w if act is None else w / act.float())
+            self.inv_act = None
+        else:
+            raise ValueError(f"quantize.int4.backend: unknown {backend!r}; expected 'int4pack' or 'dequant'")
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1]).float()
+        if self.inv_act is not None:
+            x = x * self.inv_act
+        if self.backend == "dequant":
+            y = torch.nn.functional.linear(x, self.weight, self.bias)
+        else:
+            if self.kp != self.in_features:
+                x = torch.nn.functional.pad(x, (0, self.kp - self.in_features))
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, self.group, self.scale_zeros)
+            y = y[:, : self.out_features]
+            if self.bias is not None:
+                y = y + self.bias
+        return y.reshape(*lead, -1)
+
+
+def check_int4_state(model: nn.Module, state: dict[str, Tensor], group: int, where: Path) -> None:
+    """ModelError naming ``where`` and the first tensor an int4 file lacks, adds or shapes wrongly
+    for the architecture ``model`` (a card that does not fit its weights)."""
+    expected: dict[str, tuple[int, ...]] = {}
+    for key, v in model.state_dict().items():
+        mod = dict(model.named_modules()).get(key[: -len(".weight")]) if key.endswith(".weight") else None
+        if isinstance(mod, (nn.Linear, nn.Conv2d)):
+            n, k = v.shape[0], int(v[0].numel())
+            kp = _padded(k, group)
+            expected |= {f"{key}.q4": (n, kp // 2), f"{key}.scale4": (n, kp // group), f"{key}.offset4": (n, kp // group)}
+            if f"{key}.act" in state:
+                expected[f"{key}.act"] = (int(v.shape[1]),)  # one scale per input channel
+        else:
+            expected[key] = tuple(v.shape)
+    check_shapes(expected, state, where, "int4 weights")
+
+
+def build_int4(card: dict[str, Any], state: dict[str, Tensor], backend: str, where: Path) -> nn.Module:
+    """The float architecture of ``card`` with every Linear replaced by :class:`Int4Linear` and every
+    Conv2d given its dequantized float32 weight."""
+    group = int(card["meta"]["group_size"])
+    model = build_model(card["arch"])
+    check_int4_state(model, state, group, where)
+    floats = {k: v.float() for k, v in state.items() if not k.endswith(INT4_KEYS)}
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, nn.Conv2d):
+            key = f"{name}.weight"
+            w = dequantize_int4(unpack_int4(state[f"{key}.q4"]), state[f"{key}.scale4"], state[f"{key}.offset4"],
+                                int(mod.weight[0].numel())).view_as(mod.weight)
+            if f"{key}.act" in state:  # (x / s) ∗ Q(W s) = x ∗ (Q(W s) / s): folded into the weight
+                w = w / state[f"{key}.act"].float().view(1, -1, 1, 1)
+            floats[key] = w
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            if k in floats:
+                v.copy_(floats[k])
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, nn.Linear):
+            key = f"{name}.weight"
+            new = Int4Linear(state[f"{key}.q4"], state[f"{key}.scale4"], state[f"{key}.offset4"], state.get(f"{key}.act"),
+                             None if mod.bias is None else floats[f"{name}.bias"], mod.in_features, backend)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, new)
+    return model.eval()
+
+
+def pick_int4_backend(card: dict[str, Any], state: dict[str, Tensor], batch: int) -> tuple[str, dict[str, float]]:
+    """Measure both int4 backends at ``batch`` (the int4pack kernel only where this torch has it);
+    return the faster and all timings (ms)."""
+    shape = tuple(card["arch"]["shape"])
+    x, t = torch.randn(batch, *shape), torch.zeros(batch)
+    timings: dict[str, float] = {}
+    for name in ("int4pack", "dequant"):
+        try:
+            timings[name] = 1000 * _time(build_int4(card, state, name, Path("<measured>")), x, t)
+        except (RuntimeError, NotImplementedError, AttributeError):  # kernel absent or the shapes unsupported
+            continue
+    return min(timings, key=timings.__getitem__), timings

@@ -49,14 +49,9 @@ def student_names(k: int) -> list[tuple[str, int]]:
 
 
 def variant_names(p: Params) -> list[str]:
-    """The quantized variants quantize writes, for every student: ``-int8`` and ``-bf16``."""
-    out = []
-    for name, _ in student_names(p.distill.k):
-        if p.quantize.int8:
-            out.append(f"{name}-int8")
-        if p.quantize.half:
-            out.append(f"{name}-bf16")
-    return out
+    """The quantized variants quantize writes: ``STUDENT-VARIANT`` for every student and every one
+    of ``quantize.variants`` (int8, int4, bf16), in that order."""
+    return [f"{name}-{v}" for name, _ in student_names(p.distill.k) for v in p.quantize.variants]
 
 
 # ---- declarations ---------------------------------------------------------------------------------
@@ -202,15 +197,17 @@ REGISTRY: tuple[Stage, ...] = (
         ddp=True,
     ),
     Stage(
-        "quantize", "int8 and bf16 variants of every student, the int8 backend measured",
-        params=("seed", "distill.k", "quantize", "evaluate.latency_batch"), inputs=_student_files,
+        "quantize", "int8, int4 (AWQ) and bf16 variants of every student, each backend measured",
+        params=("seed", "distill.k", "quantize", "evaluate.latency_batch"),
+        inputs=lambda p: ["data/prepared", *_student_files(p)],  # the AWQ calibration draws the source
         outputs=lambda p: [*(Out(f) for name in variant_names(p) for f in _model(name)), _metrics("quantize")],
     ),
     Stage(
         "evaluate", "every model against NFE: W2, MMD, FD, straightness, transport cost, latency, size",
-        params=("seed", "evaluate", "reflow.rounds", "distill.k", "quantize.int8", "quantize.half"),
+        params=("seed", "evaluate", "reflow.rounds", "distill.k", "quantize.variants"),
         inputs=_evaluate_inputs,
         outputs=lambda p: [Out("plots/trajectories.png", cache=False), Out("plots/nfe_w2.csv", "plots", cache=False),
+                           Out("plots/pareto.png", cache=False),
                            Out("plots/reconstruction.png", cache=False), Out("plots/reconstruction.csv", "plots", cache=False),
                            Out("metrics/eval.json", "metrics", cache=False), _metrics("evaluate")],
     ),

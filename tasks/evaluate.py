@@ -58,7 +58,7 @@ def model_groups(p: Params, layout: Layout) -> dict[str, list[str]]:
     variants = variant_names(p)
     students = []
     for name, _ in student_names(p.distill.k):  # each student, then its variants
-        students += [name, *(v for v in variants if v.startswith(f"{name}-") and v[len(name) + 1:] in ("int8", "bf16"))]
+        students += [name, *(v for v in variants if v.rpartition("-")[0] == name)]
     return {"flows": flows, "students": students, "all": flows + students}
 
 
@@ -141,6 +141,8 @@ def run(p: Params, layout: Layout) -> dict:
             lat = metrics.latency_ms(
                 lambda: solve(model, lat_noise, solver, steps, times=times, rtol=e.rtol, atol=e.atol), e.latency_batch
             )
+            lat1 = None if role != "student" else metrics.latency_ms(  # deployment's other end: one sample
+                lambda: solve(model, lat_noise[:1], solver, steps, times=times), 1, repeats=20, warmup=3)
         row = {
             "model": name, "solver": solver, "schedule": schedule, "nfe": int(sol.nfe),
             "w2": metrics.w2(x, ref), "mmd": metrics.mmd(x, ref, e.mmd_bandwidth),
@@ -148,6 +150,8 @@ def run(p: Params, layout: Layout) -> dict:
             "latency_ms": lat, "params": count_params(build_model(card["arch"])),
             "bytes": layout.model(name).with_suffix(".safetensors").stat().st_size,
         }
+        if lat1 is not None:
+            row["latency_b1_ms"] = lat1
         if fd_ctx is not None:
             row |= fd_ctx(x)
         if fid_ctx is not None:
@@ -336,10 +340,52 @@ def _plots(p: Params, layout: Layout, rows: list[dict], groups: dict[str, list[s
             w.writerow(["nfe", *columns])
             for nfe in nfes:
                 w.writerow([nfe, *[by.get((m, nfe), "") for m in columns]])
+    _pareto_png(layout, rows, "fd" if z0.ndim == 4 else "w2")
     if z0.ndim == 4:
         _image_trajectory_png(layout, [flows[0], flows[-1]], z0[:8])
     else:
         _trajectory_png(p, layout, [flows[0], flows[-1]], z0[:300])
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both coordinates (lower is better on each)."""
+    return [i for i, (a, b) in enumerate(points)
+            if not any((c <= a and d <= b) and (c < a or d < b) for j, (c, d) in enumerate(points) if j != i)]
+
+
+def _pareto_png(layout: Layout, rows: list[dict], quality: str) -> None:
+    """``plots/pareto.png``: quality (W2, or FD for images) of every evaluated row against its
+    latency per sample (at ``evaluate.latency_batch``) and against its weights' bytes; each panel's
+    Pareto front joined and labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [r for r in rows if r.get(quality) is not None and r.get("schedule", "uniform") != "bellman"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, (key, label) in zip(axes, (("latency_ms", "latency per sample (ms)"), ("bytes", "weights (bytes)"))):
+        xy = [(float(r[key]), float(r[quality])) for r in pts]
+        students = [r["model"].startswith("distilled") for r in pts]
+        ax.scatter([x for (x, _), s in zip(xy, students) if not s], [y for (_, y), s in zip(xy, students) if not s],
+                   s=14, c="tab:blue", label="flows (NFE > 1 where run so)")
+        ax.scatter([x for (x, _), s in zip(xy, students) if s], [y for (_, y), s in zip(xy, students) if s],
+                   s=18, c="tab:red", label="students and their variants")
+        front = sorted(pareto_front(xy), key=lambda i: xy[i][0])
+        ax.plot([xy[i][0] for i in front], [xy[i][1] for i in front], color="0.3", lw=1, label="Pareto front")
+        for i in front:
+            ax.annotate(f"{pts[i]['model']} {pts[i]['solver']} {pts[i]['nfe']}", xy[i], fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel(quality.upper())
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{quality.upper()} against latency and size, every model")
+    fig.tight_layout()
+    with atomic_path(layout.plots / "pareto.png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
 
 
 def _image_trajectory_png(layout: Layout, names: list[str], z0: torch.Tensor, columns: int = 6) -> None:

@@ -42,8 +42,8 @@ from tests.workspace import BIN, clone_workspace, dvc, env
 pytestmark = pytest.mark.slow
 
 SEED = 20261201
-# Deterministic end to end: quantize's int8 backend is otherwise chosen by timing it.
-PARAMS = [*TINY, "quantize.backend=dynamic"]
+# Deterministic end to end: quantize's int8 and int4 backends are otherwise chosen by timing them.
+PARAMS = [*TINY, "quantize.backend=dynamic", "quantize.int4.backend=dequant"]
 # Kills per stage (12 in all): more where there is more to lose.
 KILLS = {"resolve": 1, "prepare": 1, "pretrain": 2, "couple": 2, "reflow": 2, "distill": 2, "quantize": 1,
          "evaluate": 1}

@@ -68,14 +68,14 @@ def test_committed_dvc_yaml_is_the_generated_one():
 
 
 def test_generated_outputs_follow_the_params():
-    p = load_params(ROOT / "params.yaml", ["reflow.rounds=2", "distill.k=4", "quantize.half=false"])
+    p = load_params(ROOT / "params.yaml", ["reflow.rounds=2", "distill.k=4", "quantize.variants=[int8]"])
     st = generate(p, ROOT)["stages"]
     outs = lambda s: [o if isinstance(o, str) else next(iter(o)) for o in st[s].get("outs", [])]  # noqa: E731
     assert {"models/rf2.safetensors", "models/rf3.safetensors", "data/couplings/round-3"} <= set(outs("reflow"))
     assert "data/couplings/round-3" in st["distill"]["deps"] and "models/rf3.safetensors" in st["distill"]["deps"]
     assert "models/distilled-k4.safetensors" in outs("distill")
     assert "models/distilled-k4-int8.safetensors" in outs("quantize")
-    assert not any("bf16" in o for o in outs("quantize"))
+    assert not any("bf16" in o or "int4" in o for o in outs("quantize"))
     assert {"models/rf3.safetensors", "models/distilled-k4-int8.safetensors"} <= set(st["evaluate"]["deps"])
 
 

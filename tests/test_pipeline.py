@@ -24,12 +24,12 @@ def run_all(tmp_path, root, overrides):
 def test_noise_to_moons(tmp_path, root, tiny_overrides):
     rec = run_all(tmp_path, root, tiny_overrides)
     rows = json.loads((tmp_path / "metrics" / "eval.json").read_text())["rows"]
-    assert {r["model"] for r in rows} == {"rf1", "rf2", "distilled", "distilled-int8", "distilled-bf16"}
+    assert {r["model"] for r in rows} == {"rf1", "rf2", "distilled", "distilled-int8", "distilled-int4", "distilled-bf16"}
     for r in rows:
         assert FIELDS <= set(r)
         assert r["nfe"] == (1 if r["model"].startswith("distilled") else r["nfe"])
     assert [r["nfe"] for r in rows if r["model"] == "rf1" and r["schedule"] == "uniform"] == [1, 4]
-    for name in ("rf1", "rf2", "distilled", "distilled-int8", "distilled-bf16"):
+    for name in ("rf1", "rf2", "distilled", "distilled-int8", "distilled-int4", "distilled-bf16"):
         assert (tmp_path / "models" / f"{name}.safetensors").is_file()
         assert (tmp_path / "models" / f"{name}.json").is_file()
     # BOSS step schedules beside every flow (and only flows), one per K = 1 … bellman.grid_points
