@@ -77,7 +77,7 @@ def outputs(ws: Path) -> dict[str, str]:
             out[str(p.relative_to(ws))] = hashlib.sha256(p.read_bytes()).hexdigest()
     rows = json.loads((ws / "metrics/eval.json").read_text())["rows"]
     out["metrics/eval.json rows"] = json.dumps(
-        [{k: v for k, v in r.items() if k != "latency_ms"} for r in rows], sort_keys=True)
+        [{k: v for k, v in r.items() if k not in ("latency_ms", "latency_b1_ms")} for r in rows], sort_keys=True)
     return out
 
 
