@@ -181,13 +181,16 @@ def markdown(data: dict[str, Any]) -> str:
                         common.fmt_pm([r[mode]["distilled_fd_over_rf1_euler100"] for r in rs], 3)]
             else:
                 row += [common.fmt_pm([r[mode]["distilled_w2_over_rf1_euler100"] for r in rs], 3)]
+            pf = rs[0][mode].get("pairs_from") or {}
+            row += [f"{pf['inverted_pairs']:,} of {pf['real_rows']:,} rows" if pf else "–"]
             row += [_sci([r[mode]["straightness/rf2"] for r in rs]),
                     common.fmt_pm([sum(v for k, v in r[mode]["stage_seconds"].items() if k in
                                        ("couple", "reflow", "distill")) for r in rs], 0)]
             table.append(row)
         head = ["couple.source", "rf2 W2 @1", "student W2 @1"]
         head += ["rf2 FD @1", "student FD @1", "student FD / rf1 FD @100"] if images else ["student W2 / rf1 @100"]
-        lines += [f"**{task}**:", "", common.md_table([*head, "rf2 straightness", "couple+reflow+distill s"], table), "",
+        lines += [f"**{task}**:", "", common.md_table([*head, "round-1 inverted pairs (of real training rows)",
+                                                      "rf2 straightness", "couple+reflow+distill s"], table), "",
                   "(Stage seconds were taken with other jobs on the same cores: see each run's record.)", ""]
         if missing:
             lines += [f"({task}: {', '.join(missing)} not measured yet.)", ""]
