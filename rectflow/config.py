@@ -262,7 +262,52 @@ class AdversarialParams(Section):
     channels: PosInt = Field(32, description="Discriminator base width.")
 
 
+class SlimFlowParams(Section):
+    """SlimFlow (Zhu, Liu & Liu 2024): annealing reflow, then one-step distillation with the large
+    2-RF teacher's flow-guided term (:class:`rectflow.objectives.SlimFlowLoss`)."""
+
+    reflow_steps: NonNegInt = Field(
+        3000, description="Annealing-reflow steps before distillation's `steps` (the student trained as a flow "
+        "on the pairs with Z0' = sqrt(1 − β²)·Z0 + β·ε); 0: distillation only.",
+    )
+    anneal: UnitFloat = Field(0.5, description="Share of reflow_steps over which β goes from 1 to 0 (then 0).")
+    schedule: Literal["linear", "cosine", "exp"] = Field(
+        "linear", description="β over the annealing: 1 − r, ½(1 + cos πr), or a normalised e^{−5r} (r: its progress)."
+    )
+    time_dist: TimeDist = Field("uniform", description="p(t) of the annealing reflow.")
+    guide_weight: NonNegFloat = Field(1.0, description="Weight of the flow-guided term; 0: off.")
+    guide_t: list[UnitFloat] = Field(
+        [0.2, 0.8], min_length=2, max_length=2, description="t ~ U(lo, hi) at which the teacher's two-step target is taken."
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SlimFlowParams:
+        if not self.guide_t[0] <= self.guide_t[1]:
+            raise ValueError(f"distill.slimflow.guide_t: expected lo ≤ hi, got {list(self.guide_t)}")
+        return self
+
+
+class MeanFlowParams(Section):
+    """MeanFlow on the pairs (:class:`rectflow.objectives.MeanFlowLoss`): an average velocity
+    u(z, s, e), one JVP per step."""
+
+    ratio: UnitFloat = Field(
+        0.25, description="Share of draws with s < e (the rest s = e: flow matching); MeanFlow's best 1-NFE 25%."
+    )
+    time_dist: TimeDist = Field("logit_normal", description="p(t) of both times (s their min, e their max).")
+    norm_p: NonNegFloat = Field(
+        1.0, description="Adaptive loss weight 1/(‖Δ‖² + c)^p of MeanFlow (1: its ImageNet value); 0: distill.loss."
+    )
+    norm_eps: PosFloat = Field(1e-3, description="c of the adaptive weight.")
+
+
 class DistillParams(TrainParams):
+    method: Literal["regression", "slimflow", "meanflow"] = Field(
+        "regression", description="regression: D(Z1 − Z0, v(Z0, 0)) (the recipe); slimflow: annealing reflow, "
+        "then regression + flow-guided distillation; meanflow: an average-velocity student (MeanFlow identity).",
+    )
+    slimflow: SlimFlowParams = Field(default_factory=SlimFlowParams, description="With method: slimflow.")
+    meanflow: MeanFlowParams = Field(default_factory=MeanFlowParams, description="With method: meanflow.")
     k: PosInt = Field(1, description="Student steps: 1 is one-step; k > 1 also trains a k-step one.")
     adversarial: AdversarialParams = Field(
         default_factory=AdversarialParams,
@@ -275,6 +320,13 @@ class DistillParams(TrainParams):
     steps: PosInt = 3000
     lr: PosFloat = 2e-4
     warmup: NonNegInt = 0
+
+    @model_validator(mode="after")
+    def _method_options(self) -> DistillParams:
+        if self.adversarial.weight > 0 and self.method != "regression":
+            raise ValueError(f"distill.adversarial.weight: the adversarial term is for distill.method 'regression', "
+                             f"got {self.method!r} (set distill.adversarial.weight: 0)")
+        return self
 
 
 QuantVariant = Literal["int8", "int4", "bf16"]
@@ -446,6 +498,17 @@ class Params(Section):
     tracking: TrackingParams = TrackingParams()
     storage: StorageParams = StorageParams()
     schedule: ScheduleParams = ScheduleParams()
+
+    @model_validator(mode="after")
+    def _kinds_fit_data(self) -> Params:
+        """A U-Net for a built-in vector target: say so before any stage runs (a file's shape is
+        known at prepare, where the same check names the key)."""
+        if self.data.target != "file" and not target_is_images(self.data):
+            for key, m in (("model", self.model), ("distill.student", self.distill.student)):
+                if m is not None and m.kind == "unet":
+                    raise ValueError(f"{key}.kind: 'unet' needs (c, h, w) data; data.target {self.data.target!r} "
+                                     "is vectors (use mlp or auto)")
+        return self
 
     @model_validator(mode="after")
     def _schedules_within_grid(self) -> Params:

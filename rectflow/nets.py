@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from rectflow.errors import InputError
 from rectflow.io import atomic_write_bytes, atomic_write_json, file_sha256, require_file
-from rectflow.layers import SinusoidalEmbedding, time_vector
+from rectflow.layers import IntervalEmbedding, SinusoidalEmbedding, interval, time_vector
 
 __all__ = ["MLPVelocity", "ModelError", "SinusoidalEmbedding", "build_model", "save_model"]
 
@@ -30,24 +30,36 @@ class MLPVelocity(nn.Module):
     """v(x, t) for vector data: ``x`` ``(B, *shape)`` and ``t`` ``(B,)`` -> ``(B, *shape)``.
 
     ``[x, emb(t)] -> Linear -> SiLU -> (Linear -> SiLU) × (depth − 1) -> Linear``.
+
+    ``average=True``: an average-velocity network u(x, t, end) (MeanFlow), ``[x, emb(t),
+    emb(end − t)]`` in; ``end=None`` is end = t, the instantaneous velocity, so it serves every
+    solver, and Euler steps it from grid point to grid point (:mod:`rectflow.solvers`).
     """
 
-    def __init__(self, shape: tuple[int, ...], hidden: int = 256, depth: int = 3, time_embed: int = 64) -> None:
+    def __init__(self, shape: tuple[int, ...], hidden: int = 256, depth: int = 3, time_embed: int = 64,
+                 average: bool = False) -> None:
         super().__init__()
         self.shape = tuple(shape)
+        self.average_velocity = average
         dim = math.prod(self.shape)
-        self.temb = SinusoidalEmbedding(time_embed)
+        self.temb = IntervalEmbedding(time_embed) if average else SinusoidalEmbedding(time_embed)
         layers: list[nn.Module] = [nn.Linear(dim + time_embed, hidden), nn.SiLU()]
         for _ in range(depth - 1):
             layers += [nn.Linear(hidden, hidden), nn.SiLU()]
         layers.append(nn.Linear(hidden, dim))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor | float, end: Tensor | float | None = None) -> Tensor:
         if tuple(x.shape[1:]) != self.shape:
             raise ValueError(f"x: expected shape (B, {', '.join(map(str, self.shape))}), got {tuple(x.shape)}")
         b = x.shape[0]
-        h = torch.cat([x.reshape(b, -1), self.temb(time_vector(t, b, x))], dim=1)
+        if self.average_velocity:
+            tt = interval(t, end, b, x)
+        elif end is not None:
+            raise ValueError("end: this network is a velocity v(x, t), not an average velocity u(x, t, end)")
+        else:
+            tt = time_vector(t, b, x)
+        h = torch.cat([x.reshape(b, -1), self.temb(tt)], dim=1)
         return self.net(h).reshape(x.shape)
 
 
@@ -56,7 +68,7 @@ def build_model(arch: dict[str, Any]) -> nn.Module:
     kind = arch.get("kind")
     shape = tuple(arch["shape"])
     if kind == "mlp":
-        return MLPVelocity(shape, arch["hidden"], arch["depth"], arch["time_embed"])
+        return MLPVelocity(shape, arch["hidden"], arch["depth"], arch["time_embed"], bool(arch.get("average", False)))
     if kind == "unet":
         from rectflow.unet import UNetVelocity
 
@@ -69,17 +81,19 @@ def build_model(arch: dict[str, Any]) -> nn.Module:
             attention=arch["attention"],
             time_embed=arch["time_embed"],
             dropout=arch.get("dropout", 0.0),
+            average=bool(arch.get("average", False)),
         )
     raise ModelError(f"unknown model kind {kind!r}; expected 'mlp' or 'unet'")
 
 
-def arch_from_params(model_params: Any, shape: tuple[int, ...]) -> dict[str, Any]:
-    """The architecture record for data of ``shape`` under ``params.model``."""
+def arch_from_params(model_params: Any, shape: tuple[int, ...], key: str = "model") -> dict[str, Any]:
+    """The architecture record for data of ``shape`` under ``params.model`` (or the section at
+    ``key``, e.g. ``distill.student``: named in the error)."""
     kind = model_params.kind
     if kind == "auto":
         kind = "unet" if len(shape) == 3 else "mlp"
     if kind == "unet" and len(shape) != 3:
-        raise ModelError(f"model.kind: 'unet' needs (c, h, w) data, got shape {shape}")
+        raise ModelError(f"{key}.kind: 'unet' needs (c, h, w) data, got shape {shape}")
     arch: dict[str, Any] = {"kind": kind, "shape": list(shape), "time_embed": model_params.time_embed}
     if kind == "mlp":
         arch |= {"hidden": model_params.hidden, "depth": model_params.depth}

@@ -145,9 +145,13 @@ class _BF16(nn.Module):
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()
         self.inner = inner
+        self.average_velocity = bool(getattr(inner, "average_velocity", False))  # MeanFlow: u(x, t, end)
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        return self.inner(x.to(torch.bfloat16), t.to(torch.bfloat16)).to(x.dtype)
+    def forward(self, x: Tensor, t: Tensor, end: Tensor | None = None) -> Tensor:
+        b = torch.bfloat16
+        if end is None:
+            return self.inner(x.to(b), t.to(b)).to(x.dtype)
+        return self.inner(x.to(b), t.to(b), torch.as_tensor(end).to(b)).to(x.dtype)
 
 
 # ---- int4: group-wise weight-only, activation-aware (AWQ) ----------------------------------------

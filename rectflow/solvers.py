@@ -13,6 +13,10 @@ explicit midpoint method), so ``midpoint`` is the inversion sampler of "Taming R
 - Midpoint: z ← z + h·v(z + h/2·v(z, t), t + h/2)               (2 NFE per step)
 - RK45:     adaptive Dormand–Prince (torchdiffeq ``dopri5``), rtol/atol settable.
 
+An average-velocity network (MeanFlow: ``average_velocity`` true, called ``u(z, t, end)``) takes
+Euler's forward steps as z ← z + h·u(z, t, t + h), exact for the flow it learned at any step count;
+every other step and solver uses its instantaneous velocity u(z, t, t) = v(z, t).
+
 The loops do no host synchronisation per step (no ``.item()``); call them under
 ``torch.inference_mode()`` when no gradient is needed.
 """
@@ -47,14 +51,18 @@ class Solution:
 
 
 class _Counted:
-    """Wraps a velocity so that every evaluation is counted (host-side integer, no sync)."""
+    """Wraps a velocity so that every evaluation is counted (host-side integer, no sync).
+
+    ``average``: ``v`` is an average-velocity network u(z, t, end) (MeanFlow, its
+    ``average_velocity`` attribute true), called with ``end`` on forward Euler steps."""
 
     def __init__(self, v: Velocity) -> None:
         self.v, self.n = v, 0
+        self.average = bool(getattr(v, "average_velocity", False))
 
-    def __call__(self, z: Tensor, t: Tensor) -> Tensor:
+    def __call__(self, z: Tensor, t: Tensor, end: Tensor | None = None) -> Tensor:
         self.n += 1
-        return self.v(z, t)
+        return self.v(z, t) if end is None else self.v(z, t, end)  # type: ignore[call-arg]
 
 
 def uniform_grid(steps: int, device: torch.device | str = "cpu", reverse: bool = False) -> Tensor:
@@ -85,7 +93,9 @@ def _fixed(
     for t0, t1 in zip(ts[:-1], ts[1:]):
         h = t1 - t0
         tt = z.new_full((b,), t0)
-        v0 = v(z, tt)
+        # An average-velocity network steps exactly by its mean over [t0, t1]: z1 = z0 + h·u(z0, t0, t1)
+        # (MeanFlow's k-step sampler), forwards only (it is trained on s ≤ e).
+        v0 = v(z, tt, z.new_full((b,), t1)) if v.average and method == "euler" and h > 0 else v(z, tt)
         if method == "euler":
             z = z + h * v0
         elif method == "heun":

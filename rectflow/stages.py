@@ -191,7 +191,7 @@ REGISTRY: tuple[Stage, ...] = (
     Stage(
         "distill", "the one-step student (and a k-step one) of the last flow, on its pairs",
         params=("seed", "reflow.rounds", "distill", "storage"),
-        inputs=lambda p: [_round(p.reflow.rounds + 1), *_model(last_flow(p))],
+        inputs=lambda p: ["data/prepared", _round(p.reflow.rounds + 1), *_model(last_flow(p))],  # SlimFlow draws ε
         outputs=lambda p: [*(Out(f) for f in _student_files(p)),
                            *(_history(name) for name, _ in student_names(p.distill.k)), _metrics("distill")],
         ddp=True,

@@ -36,9 +36,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from rectflow.flow import interpolate, loss_fn, sample_time
 from rectflow.errors import RunFailedError
 from rectflow.io import atomic_path
+from rectflow.objectives import Objective, RectifiedFlowLoss, StepContext
 
 if TYPE_CHECKING:
     from rectflow.adversarial import Adversary
@@ -167,6 +167,7 @@ def train(
     run_fingerprint: str = "",
     device: torch.device | str = "cpu",
     adversary: Adversary | None = None,
+    objective: Objective | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``cfg.steps`` steps (``cfg``: a :class:`~rectflow.config.TrainParams`).
 
@@ -174,6 +175,8 @@ def train(
     ``adversary`` (distillation): adds its term on x̂1 = x_t + (1 − t)·v(x_t, t) to the loss and
     trains its discriminator one step per step (:mod:`rectflow.adversarial`); the logged loss stays
     the regression D(x1 − x0, v), comparable with a run without it.
+    ``objective``: another method's loss (:mod:`rectflow.objectives`: SlimFlow, MeanFlow); default
+    :class:`~rectflow.objectives.RectifiedFlowLoss` of ``cfg``, ``time_dist`` and ``k``.
     On return ``model`` holds the EMA weights (or the raw ones when ``cfg.ema == 0``).
     """
     device = torch.device(device)
@@ -245,9 +248,10 @@ def train(
             adversary.distribute()
 
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-    tdist = time_dist or cfg.time_dist
+    if objective is None:
+        objective = RectifiedFlowLoss(time_dist or cfg.time_dist, cfg.loss, cfg.huber_c, k=k, adversary=adversary)
+    ctx = StepContext(gen=gen, autocast=autocast, device=device)
     decaying = cfg.lr_schedule != "constant"
-    distance = None
     # The per-step work besides forward/backward/step is kept to a few kernels with no host sync: the
     # EMA sources are detached once, the learning rate is written only while it changes, and a NaN
     # or inf loss is found in the log window's per-step losses (checked at every log and checkpoint,
@@ -310,23 +314,11 @@ def train(
 
     while step < cfg.steps:
         x0, x1 = batches.next_batch(local_batch)
-        if distance is None:
-            distance = loss_fn(cfg.loss, math.prod(x0.shape[1:]), cfg.huber_c)
-        t = sample_time(tdist, x0.shape[0], gen, device, k=k)
         lr = learning_rate(cfg, step)
         if decaying or step <= cfg.warmup or step == resumed_from:  # else constant after the warm-up
             for g in opt.param_groups:
                 g["lr"] = lr
-        xt = interpolate(x0, x1, t)
-        with autocast:
-            pred = net(xt, t)
-        pred = pred.float()
-        loss = distance(pred, (x1 - x0).float())
-        total = loss
-        if adversary is not None:  # a NaN here reaches the weights, hence the next step's logged loss
-            x_hat = xt + (1 - t).reshape(-1, *([1] * (xt.ndim - 1))) * pred
-            with autocast:
-                total = loss + adversary.student_term(x_hat, x1)
+        loss, total = objective(net, x0, x1, step, ctx)
         opt.zero_grad(set_to_none=True)
         total.backward()
         if cfg.grad_clip > 0:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rectflow.layers import SinusoidalEmbedding, time_vector
+from rectflow.layers import IntervalEmbedding, SinusoidalEmbedding, interval, time_vector
 
 
 def _groups(channels: int) -> int:
@@ -115,6 +115,8 @@ class UNetVelocity(nn.Module):
         attention: single-head self-attention in the middle block (lowest resolution).
         time_embed: even width of the sinusoidal embedding of ``1000 · t``.
         dropout: dropout probability inside every ResBlock.
+        average: an average-velocity network u(x, t, end) (MeanFlow): the time MLP takes
+            ``[emb(t), emb(end − t)]``; ``end=None`` is end = t (the instantaneous velocity).
     """
 
     def __init__(
@@ -125,15 +127,18 @@ class UNetVelocity(nn.Module):
         attention: bool = True,
         time_embed: int = 64,
         dropout: float = 0.0,
+        average: bool = False,
     ) -> None:
         super().__init__()
         _check_config(shape, channels, channel_mult, time_embed)
+        self.average_velocity = average
         self.shape = tuple(int(s) for s in shape)
         c = self.shape[0]
         widths = [channels * m for m in channel_mult]
         emb_dim = 4 * channels
         self.time_mlp = nn.Sequential(
-            SinusoidalEmbedding(time_embed), nn.Linear(time_embed, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+            IntervalEmbedding(time_embed) if average else SinusoidalEmbedding(time_embed),
+            nn.Linear(time_embed, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
         )
         self.conv_in = nn.Conv2d(c, widths[0], 3, padding=1)
 
@@ -163,7 +168,7 @@ class UNetVelocity(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def _time_vector(self, x: Tensor, t: Tensor | float) -> Tensor:
+    def _time_vector(self, x: Tensor, t: Tensor | float, end: Tensor | float | None = None) -> Tensor:
         """Validate ``x`` and return ``t`` as a ``(B,)`` tensor on ``x``'s device, in ``x``'s dtype."""
         if x.ndim != 4:
             raise ValueError(
@@ -174,19 +179,24 @@ class UNetVelocity(nn.Module):
             raise ValueError(
                 f"UNetVelocity: x must have per-sample shape (c, h, w) = {self.shape}, got {tuple(x.shape[1:])}"
             )
+        if self.average_velocity:
+            return interval(t, end, x.shape[0], x, "UNetVelocity")
+        if end is not None:
+            raise ValueError("UNetVelocity: end is only for an average-velocity network (average=True)")
         return time_vector(t, x.shape[0], x, "UNetVelocity")
 
-    def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor | float, end: Tensor | float | None = None) -> Tensor:
         """Velocity at ``(x, t)``.
 
         Args:
             x: ``(B, c, h, w)`` states.
             t: times in [0, 1], a scalar or ``(B,)``.
+            end: (average-velocity networks only) the interval's end, a scalar or ``(B,)``.
 
         Returns:
             ``(B, c, h, w)`` velocity: ``x.dtype`` outside autocast, the autocast dtype inside it.
         """
-        emb = self.time_mlp(self._time_vector(x, t))  # (B, 4C)
+        emb = self.time_mlp(self._time_vector(x, t, end))  # (B, 4C)
         h = self.conv_in(x)
         skips: list[Tensor] = []
         for i, block in enumerate(self.down):

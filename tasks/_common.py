@@ -16,6 +16,7 @@ from rectflow.device import pick_device
 from rectflow.layout import Layout
 from rectflow.nets import count_params, load_state, read_model_card, save_model
 from rectflow.models import load_model
+from rectflow.objectives import Objective
 from rectflow.train import BatchSource, clear_checkpoint, fingerprint, train
 
 
@@ -44,6 +45,7 @@ def train_and_save(
     time_dist: str | None = None,
     k: int | None = None,
     adversary: Adversary | None = None,
+    objective: Objective | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` (resuming from a matching checkpoint), save ``models/NAME``, return a record.
 
@@ -61,7 +63,7 @@ def train_and_save(
     res = train(
         model, batches, cfg, name=name, seed=seed, checkpoint_dir=layout.checkpoints(name),
         history_path=layout.history(name), time_dist=time_dist, k=k, run_fingerprint=fp, device=dev,
-        adversary=adversary,
+        adversary=adversary, objective=objective,
     )
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     record = {

@@ -1,23 +1,68 @@
 """Stage 5, distill: a one-step (and, with ``distill.k > 1``, a k-step) student of the last flow.
 
 Trained on the last flow's own pairs (Z0, Z1), initialised from its weights (or, with
-``distill.student`` another architecture, from random weights), with the rectified-flow
-objective restricted to t = 0 (one step: D(Z1 − Z0, v(Z0, 0))) or to t ∈ {0, 1/k, …, (k−1)/k}.
-With ``distill.adversarial.weight`` λ > 0, a discriminator trained beside the student on the same
-pairs adds −λ·E[D(x̂1)] to that loss (:mod:`rectflow.adversarial`).
+``distill.student`` another architecture, from seeded random weights), by ``distill.method``:
+
+- ``regression`` (the recipe): the rectified-flow objective restricted to t = 0 (one step:
+  D(Z1 − Z0, v(Z0, 0))) or to t ∈ {0, 1/k, …, (k−1)/k}; with ``distill.adversarial.weight`` λ > 0,
+  a discriminator trained beside the student adds −λ·E[D(x̂1)] (:mod:`rectflow.adversarial`).
+- ``slimflow``: ``distill.slimflow.reflow_steps`` of annealing reflow, then ``steps`` of that
+  regression plus the flow-guided term of the large teacher (:class:`rectflow.objectives.SlimFlowLoss`).
+- ``meanflow``: an average-velocity student u(z, s, e) (``average: true`` in its card) trained with
+  the MeanFlow identity (:class:`rectflow.objectives.MeanFlowLoss`); sampled z1 = z0 + u(z0, 0, 1),
+  or k Euler steps of its averages; from random weights (its times are embedded unscaled).
+
 Writes ``models/distilled`` (and ``models/distilled-k{k}``).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from rectflow.adversarial import Adversary
 from rectflow.config import Params
+from rectflow.data import load_prepared
 from rectflow.layout import Layout
 from rectflow.nets import arch_from_params, build_model, load_state, read_model_card
+from rectflow.objectives import MeanFlowLoss, Objective, SlimFlowLoss
 from rectflow.stages import last_flow, student_names
-from tasks._common import device, model_sha, open_pairs, train_and_save
+from tasks._common import device, model_sha, open_pairs, teacher, train_and_save
+
+
+def student_arch(p: Params, teacher_arch: dict[str, Any]) -> dict[str, Any]:
+    """The students' architecture record: ``distill.student`` (else the teacher's), an
+    average-velocity network for ``method: meanflow``."""
+    d = p.distill
+    arch = (teacher_arch if d.student is None
+            else arch_from_params(d.student, tuple(teacher_arch["shape"]), key="distill.student"))
+    if d.method != "meanflow":
+        return arch
+    if arch["time_embed"] % 4:
+        from rectflow.config import ParamsError
+
+        key = "distill.student" if d.student is not None else "model"
+        raise ParamsError(f"{key}.time_embed: distill.method 'meanflow' embeds two times in it (half each): "
+                          f"needs a multiple of 4, got {arch['time_embed']}")
+    return arch | {"average": True}
+
+
+def _objective(p: Params, layout: Layout, parent: str, k: int, dev: torch.device) -> Objective | None:
+    d = p.distill
+    if d.method == "meanflow":
+        m = d.meanflow
+        return MeanFlowLoss(m.time_dist, m.ratio, d.loss, d.huber_c, norm_p=m.norm_p, norm_eps=m.norm_eps)
+    if d.method == "slimflow":
+        s = d.slimflow
+        src = load_prepared(layout.prepared, "source", "train")
+        big, _ = teacher(layout, parent, dev)
+        return SlimFlowLoss(
+            teacher=big, draw=lambda n, g: src.sample(n, g), reflow_steps=s.reflow_steps,
+            anneal_steps=round(s.anneal * s.reflow_steps), schedule=s.schedule, reflow_time_dist=s.time_dist,
+            guide_weight=s.guide_weight, guide_t=tuple(s.guide_t), loss=d.loss, huber_c=d.huber_c, k=k,
+        )
+    return None
 
 
 def run(p: Params, layout: Layout) -> dict:
@@ -25,9 +70,14 @@ def run(p: Params, layout: Layout) -> dict:
     last = p.reflow.rounds + 1
     parent = last_flow(p)
     card = read_model_card(layout.model(parent))
+    arch = student_arch(p, card["arch"])
+    # The teacher's weights start a student of its architecture, except SlimFlow's (annealed from a
+    # random start, its recipe) and MeanFlow's (another time input: rectflow.layers.IntervalEmbedding).
+    warm = arch == card["arch"] and p.distill.method == "regression"
+    cfg = p.distill
+    if cfg.method == "slimflow":  # the annealing reflow runs before the distillation's steps
+        cfg = cfg.model_copy(update={"steps": cfg.steps + cfg.slimflow.reflow_steps})
     out = []
-    arch = card["arch"] if p.distill.student is None else arch_from_params(p.distill.student, tuple(card["arch"]["shape"]))
-    warm = arch == card["arch"]  # the teacher's architecture: start from its weights
     for name, k in student_names(p.distill.k):
         if warm:
             model = build_model(arch)
@@ -42,10 +92,11 @@ def run(p: Params, layout: Layout) -> dict:
         adversary = (Adversary(tuple(card["arch"]["shape"]), adv.weight, adv.lr, adv.channels, seed=p.seed + 200 + k,
                                device=dev) if adv.weight > 0 else None)
         out.append(train_and_save(
-            p=p, layout=layout, name=name, model=model, arch=arch, batches=batches, cfg=p.distill,
+            p=p, layout=layout, name=name, model=model, arch=arch, batches=batches, cfg=cfg,
             seed=p.seed + 100 + k, inputs={parent: model_sha(layout, parent), f"round-{last}": man["fingerprint"]},
-            meta={"role": "student", "steps": k, "parent": parent, "init": "teacher" if warm else "random"}, dev=dev,
+            meta={"role": "student", "steps": k, "parent": parent, "init": "teacher" if warm else "random",
+                  "method": p.distill.method}, dev=dev,
             time_dist="discrete", k=k,
-            adversary=adversary,
-        ))
+            adversary=adversary, objective=_objective(p, layout, parent, k, dev),
+        ) | {"method": p.distill.method})
     return {"students": out}

@@ -40,3 +40,47 @@ def test_the_teachers_architecture_still_starts_from_its_weights(ws):  # noqa: F
     card = json.loads((ws / "models" / "distilled.json").read_text())
     assert card["meta"]["init"] == "teacher"
     assert card["arch"] == json.loads((ws / "models" / "rf2.json").read_text())["arch"]
+
+
+def test_meanflow_and_slimflow_students_through_the_stages(ws):  # noqa: F811
+    """distill.method meanflow (an average-velocity card, sampled by its interval) and slimflow
+    (annealing reflow, then distillation), small and random; quantize and evaluate read both."""
+    import torch
+
+    from rectflow.solvers import solve
+
+    base = [*SMALL, "distill.steps=30", "distill.checkpoint_every=1000"]
+    for stage in ("couple", "reflow"):
+        run_stage(stage, ws / "params.yaml", base, root=ws)
+    rec = run_stage("distill", ws / "params.yaml", [*base, "distill.method=meanflow"], root=ws)
+    card = json.loads((ws / "models" / "distilled.json").read_text())
+    assert card["arch"]["average"] is True and card["meta"]["method"] == "meanflow" and card["meta"]["init"] == "random"
+    assert rec["students"][0]["method"] == "meanflow" and rec["students"][0]["steps_run"] == 30
+    model, _ = load_model(ws / "models" / "distilled")
+    z = torch.randn(8, 2)
+    with torch.no_grad():
+        one = solve(model, z, "euler", 1)
+        torch.testing.assert_close(one.x, z + model(z, torch.zeros(8), torch.ones(8)))
+    for stage in ("quantize", "evaluate"):
+        run_stage(stage, ws / "params.yaml", [*base, "distill.method=meanflow"], root=ws)
+    for v in ("int8", "int4", "bf16"):
+        q, qcard = load_model(ws / "models" / f"distilled-{v}")
+        assert qcard["arch"]["average"] is True and getattr(q, "average_velocity", False)
+
+    slim = [*base, "distill.method=slimflow", "distill.slimflow.reflow_steps=20"]
+    rec = run_stage("distill", ws / "params.yaml", slim, root=ws)
+    s = rec["students"][0]
+    assert s["method"] == "slimflow" and s["steps_run"] == 50  # 20 annealing reflow + 30 distillation
+    card = json.loads((ws / "models" / "distilled.json").read_text())
+    assert "average" not in card["arch"] and card["meta"]["init"] == "random"
+    hist = (ws / "plots" / "train" / "distilled.csv").read_text().splitlines()
+    assert hist[0].startswith("step,loss") and len(hist) > 1
+
+
+def test_a_unet_student_for_vectors_is_refused_naming_the_key(ws):  # noqa: F811
+    import pytest
+
+    from rectflow.config import ParamsError
+
+    with pytest.raises(ParamsError, match=r"distill\.student\.kind: 'unet' needs \(c, h, w\) data"):
+        run_stage("distill", ws / "params.yaml", [*OVERRIDES, "distill.student={kind: unet}"], root=ws)

@@ -1,0 +1,200 @@
+"""Smaller one-step students side by side on the same pairs: regression, SlimFlow, MeanFlow.
+
+Per seed, in a temporary workspace and through the pipeline's own stages (prepare, pretrain,
+couple, reflow with ``params.yaml``'s settings), then the distill stage once per student, each on
+the same round-2 pairs of the same rf2 (the teacher):
+
+- ``regression (teacher size)``: the default student (rf2's architecture, from its weights): the
+  reference row.
+- ``regression (small)``, ``slimflow (small)``, ``meanflow (small)``: ``--small`` (default: an MLP
+  of width 112 and depth 3, 33,042 parameters against rf2's 148,994: 0.22×), from random weights,
+  with the same total steps and learning rate (SlimFlow: ``reflow_steps`` of annealing reflow then
+  the rest as distillation).
+- ``meanflow (teacher size)``: MeanFlow with rf2's architecture (random weights).
+
+Each student: W2 after one Euler step (MeanFlow: z1 = z0 + u(z0, 0, 1)) on the evaluate stage's
+noise against the held-out target (exact W2, :func:`rectflow.metrics.w2`), parameters, bytes,
+latency per sample at batch 1 and 1024, training seconds; the teacher's W2 with 100 Euler steps
+(rf2, and rf1) beside them.
+
+Run: ``python -m benchmarks.students [--seeds 0 1 2] [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks import common
+
+NAME = "students"
+
+
+@dataclass
+class StudentsConfig:
+    target: str = "moons"
+    small: str = "{hidden: 112, depth: 3}"
+    steps: int = 6000  # every student's total training steps
+    lr: float = 1e-3
+    slim_reflow_steps: int = 3000  # of steps, SlimFlow's annealing reflow
+    n_eval: int = 5000
+    repeats: int = 20
+    extra: list[str] = field(default_factory=list)  # overrides for every stage (--quick shrinks it)
+
+
+def students(cfg: StudentsConfig) -> list[tuple[str, list[str]]]:
+    """(row label, distill overrides)."""
+    rnd = [f"distill.steps={cfg.steps}", f"distill.lr={cfg.lr}", "distill.warmup=200"]
+    small = f"distill.student={cfg.small}"
+    return [
+        ("regression (teacher size)", []),
+        ("regression (small)", [small, *rnd]),
+        ("slimflow (small)", [small, *rnd[1:], "distill.method=slimflow",
+                              f"distill.steps={cfg.steps - cfg.slim_reflow_steps}",
+                              f"distill.slimflow.reflow_steps={cfg.slim_reflow_steps}"]),
+        ("meanflow (small)", [small, *rnd, "distill.method=meanflow"]),
+        ("meanflow (teacher size)", [*rnd, "distill.method=meanflow"]),
+    ]
+
+
+def latency(model: Any, z: Any, repeats: int) -> float:
+    """Milliseconds per sample of one Euler step on ``z`` (median of ``repeats``)."""
+    import statistics
+
+    import torch
+
+    from rectflow.solvers import solve
+
+    with torch.inference_mode():
+        for _ in range(3):
+            solve(model, z, "euler", 1)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            solve(model, z, "euler", 1)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000 / len(z)
+
+
+def run(cfg: StudentsConfig, seed: int) -> dict[str, Any]:
+    import torch
+
+    from rectflow.data import load_prepared
+    from rectflow.layout import Layout
+    from rectflow.metrics import w2
+    from rectflow.models import load_model
+    from rectflow.nets import count_params
+    from rectflow.params import load_params
+    from rectflow.solvers import solve
+    from tasks.evaluate import eval_noise
+
+    root = Path(tempfile.mkdtemp(prefix="rectflow-students-"))
+    try:
+        ov = [f"seed={seed}", f"data.target={cfg.target}", *cfg.extra]
+        t_chain = {}
+        for stage in ("prepare", "pretrain", "couple", "reflow"):
+            _, t_chain[stage] = common.timed(common.run_stage, stage, root, ov)
+        lay = Layout(root)
+        p = load_params(common.PARAMS, ov)
+        test = load_prepared(lay.prepared, "target", "test")
+        n = min(cfg.n_eval, len(test.data))
+        ref, shape = test.data[:n], tuple(test.shape)
+        z = eval_noise(p, lay, n, shape)
+        z_lat = torch.randn(1024, *shape, generator=torch.Generator().manual_seed(1))
+        teachers = {}
+        with torch.inference_mode():
+            for name in ("rf1", "rf2"):
+                m, _ = load_model(lay.model(name), "cpu")
+                teachers[name] = {"w2_100": w2(solve(m, z, "euler", 100).x.float(), ref), "params": count_params(m)}
+        rows = []
+        for label, extra in students(cfg):
+            rec, secs = common.timed(common.run_stage, "distill", root, ov + extra)
+            model, card = load_model(lay.model("distilled"), "cpu")
+            with torch.inference_mode():
+                x = solve(model, z, "euler", 1).x.float()
+            s = rec["students"][0]
+            rows.append({
+                "student": label, "method": card["meta"].get("method", "regression"), "init": card["meta"].get("init"),
+                "arch": {k: v for k, v in card["arch"].items() if k != "shape"}, "params": count_params(model),
+                "param_ratio": count_params(model) / teachers["rf2"]["params"],
+                "bytes": lay.model("distilled").with_suffix(".safetensors").stat().st_size,
+                "w2_1": w2(x, ref), "ratio_to_rf2_100": w2(x, ref) / teachers["rf2"]["w2_100"],
+                "ratio_to_rf1_100": w2(x, ref) / teachers["rf1"]["w2_100"],
+                "latency_ms_b1": latency(model, z_lat[:1], cfg.repeats * 10),
+                "latency_ms_b1024": latency(model, z_lat, cfg.repeats),
+                "train_seconds": s["train_seconds"], "steps": s["steps"], "final_loss": s["final_loss"],
+                "stage_seconds": secs,
+            })
+            print(f"[students] seed {seed} {label}: W2 {rows[-1]['w2_1']:.4f} "
+                  f"({rows[-1]['ratio_to_rf2_100']:.3f}× rf2@100), {rows[-1]['params']} params, "
+                  f"{s['train_seconds']:.0f} s", file=sys.stderr, flush=True)
+        return {"seed": seed, "teachers": teachers, "rows": rows, "chain_seconds": t_chain}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for label in [r["student"] for r in runs[0]["rows"]]:
+        rs = [next(r for r in run["rows"] if r["student"] == label) for run in runs]
+        out.append({"student": label, "params": rs[0]["params"], "param_ratio": rs[0]["param_ratio"],
+                    **{k: [r[k] for r in rs] for k in ("w2_1", "ratio_to_rf2_100", "ratio_to_rf1_100",
+                                                        "latency_ms_b1", "latency_ms_b1024", "train_seconds")}})
+    return out
+
+
+def markdown(data: dict[str, Any]) -> str:
+    runs, agg, cfg = data["runs"], data["aggregate"], data["config"]
+    t2 = [r["teachers"]["rf2"]["w2_100"] for r in runs]
+    t1 = [r["teachers"]["rf1"]["w2_100"] for r in runs]
+    rows = [[a["student"], f"{a['params']:,} ({a['param_ratio']:.2f}×)", common.fmt_pm(a["w2_1"], 4),
+             common.fmt_pm(a["ratio_to_rf2_100"]), common.fmt_pm(a["ratio_to_rf1_100"]),
+             f"{common.mean_std(a['latency_ms_b1'])[0] * 1000:.1f}", f"{common.mean_std(a['latency_ms_b1024'])[0] * 1000:.2f}",
+             f"{common.mean_std(a['train_seconds'])[0]:.0f}"] for a in agg]
+    return "\n".join([
+        f"N(0, I) → {cfg['target']}, seeds {', '.join(str(r['seed']) for r in runs)} (mean ± std); teacher rf2 "
+        f"({runs[0]['teachers']['rf2']['params']:,} parameters) W2 at 100 Euler steps {common.fmt_pm(t2, 4)} "
+        f"(rf1: {common.fmt_pm(t1, 4)}). Every student on the same round-2 pairs, one Euler step; small ones "
+        f"`{cfg['small']}` from random weights, {cfg['steps']} steps at lr {cfg['lr']} (SlimFlow: "
+        f"{cfg['slim_reflow_steps']} of them annealing reflow).",
+        "",
+        common.md_table(["student", "parameters", "W2 @1", "÷ rf2 @100", "÷ rf1 @100", "µs/sample b1",
+                         "µs/sample b1024", "train s"], rows),
+        "",
+        common.env_lines(data["env"]),
+        f"Command: `{data['command']}`",
+    ])
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--quick", action="store_true", help="a smoke run: few steps, few pairs")
+    ap.add_argument("--target", default="moons")
+    ap.add_argument("--small", default=StudentsConfig.small)
+    args = ap.parse_args(argv)
+    cfg = StudentsConfig(target=args.target, small=args.small)
+    if args.quick:
+        cfg = StudentsConfig(target=args.target, small=args.small, steps=40, slim_reflow_steps=20, n_eval=500,
+                             repeats=2, extra=["pretrain.steps=30", "reflow.steps=30", "couple.n_pairs=2000",
+                                               "couple.shard_size=1000", "couple.batch_size=1000", "couple.solver=euler",
+                                               "couple.steps=10", "couple.reflowed.steps=10", "distill.checkpoint_every=1000"])
+    common.set_threads()
+    env = common.environment()
+    runs = [run(cfg, s) for s in args.seeds]
+    data = {"config": cfg.__dict__, "runs": runs, "aggregate": aggregate(runs), "env": env,
+            "command": "python -m benchmarks.students " + " ".join(argv if argv is not None else sys.argv[1:])}
+    common.publish(NAME, data, markdown(data), args.quick)
+    print(json.dumps(data["aggregate"], indent=1, default=str))
+    return data
+
+
+if __name__ == "__main__":
+    main()
