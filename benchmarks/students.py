@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cfg = StudentsConfig(target=args.target, small=args.small, steps=40, slim_reflow_steps=20, n_eval=500,
                              repeats=2, extra=["pretrain.steps=30", "reflow.steps=30", "couple.n_pairs=2000",
                                                "couple.shard_size=1000", "couple.batch_size=1000", "couple.solver=euler",
-                                               "couple.steps=10", "couple.reflowed.steps=10", "distill.checkpoint_every=1000"])
+                                               "couple.steps=10", "couple.reflowed.steps=10", "distill.steps=40",
+                                               "distill.checkpoint_every=1000"])
     common.set_threads()
     env = common.environment()
     runs = [run(cfg, s) for s in args.seeds]

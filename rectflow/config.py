@@ -329,7 +329,7 @@ class DistillParams(TrainParams):
         return self
 
 
-QuantVariant = Literal["int8", "int4", "bf16"]
+QuantVariant = Literal["int8", "int4", "bf16", "fp8"]
 
 
 class Int4Params(Section):
@@ -348,7 +348,9 @@ class Int4Params(Section):
 class QuantizeParams(Section):
     variants: list[QuantVariant] = Field(
         ["int8", "int4", "bf16"], description="Quantized variants of every student: int8 (per-channel), int4 "
-        "(group-wise, AWQ), bf16; each written as models/STUDENT-VARIANT and evaluated beside it.",
+        "(group-wise, AWQ), bf16, fp8 (E4M3 weights and activations: native on GPUs of compute capability ≥ 8.9, "
+        "emulated in fp32 elsewhere, with a line saying so); each written as models/STUDENT-VARIANT and "
+        "evaluated beside it.",
     )
     backend: Literal["auto", "torchao", "dynamic"] = Field(
         "auto", description="int8 path: torchao, torch.ao dynamic, or auto (measured choice)."

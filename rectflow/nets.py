@@ -160,12 +160,19 @@ def load_state(stem: Path) -> dict[str, Tensor]:
         state = load(data)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise ModelError(f"{path}: not readable safetensors ({' '.join(str(e).split())[:200]})") from None
-    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not _finite(v)), None)
     if bad is not None:
         raise ModelError(f"{path}: weights contain NaN or infinite values (first in {bad!r}); the model is unusable "
                          "(retrain it: rerun the stage that made it)")
     _check_against_card(Path(stem), state)
     return state
+
+
+def _finite(v: Tensor) -> bool:
+    """No NaN or inf in ``v`` (8-bit floats, which have no isfinite kernel, checked in float32)."""
+    if v.element_size() == 1:
+        v = v.float()
+    return bool(torch.isfinite(v).all())
 
 
 def _card(stem: Path) -> dict[str, Any] | None:

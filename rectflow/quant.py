@@ -10,11 +10,13 @@ On disk a quantized model is still ``NAME.safetensors`` + ``NAME.json``:
   Convolutions (U-Net) stay in float32 weights dequantized from int8 storage.
 - ``int4``: every Linear and Conv2d weight group-wise asymmetric 4-bit (``W ≈ q · scale + offset``
   per ``group_size`` input columns, codes packed two to a byte, scales and offsets float16), each
-  Linear with AWQ's activation-aware input scales searched on calibration draws of the model's
-  source (:func:`awq_scales`). Linears compute through the x86 int4 kernel (``int4pack``) or
+  Linear and Conv2d with AWQ's activation-aware input scales searched on calibration draws of the
+  model's source, against the model's output (:func:`int4_state`). Linears compute through the x86 int4 kernel (``int4pack``) or
   weights dequantized at load (``dequant``), whichever measures faster; convolutions dequantized.
 - ``bf16``: every floating tensor stored and computed in bfloat16 (native on AVX-512-bf16 CPUs and
   on recent GPUs; float16 is emulated on CPUs and much slower).
+- ``fp8``: E4M3 weights and activations (:mod:`rectflow.fp8`): native on GPUs with FP8 matmuls,
+  emulated in fp32 elsewhere.
 
 The quantize stage picks each variant's backend by measuring the candidates at the evaluation batch
 size (``auto``) and records the choice and the timings in ``meta``.
@@ -34,7 +36,7 @@ from torch import Tensor, nn
 from rectflow.nets import ModelError, build_model, check_shapes, check_state, load_state
 
 __all__ = ["dequantize_state", "int8_state", "load_quantized", "apply_backend", "pick_backend", "int4_state",
-           "pack_int4", "unpack_int4", "quantize_int4", "dequantize_int4", "awq_scales", "Int4Linear",
+           "pack_int4", "unpack_int4", "quantize_int4", "dequantize_int4", "Int4Linear",
            "pick_int4_backend"]
 
 
@@ -98,14 +100,26 @@ def _time(model: nn.Module, x: Tensor, t: Tensor, repeats: int = 5) -> float:
     return best
 
 
-def pick_backend(model: nn.Module, shape: tuple[int, ...], batch: int) -> tuple[str, dict[str, float]]:
-    """Measure each available int8 backend at ``batch``; return the fastest and all timings (ms)."""
-    x = torch.randn(batch, *shape)
+def pick_backend(model: nn.Module, shape: tuple[int, ...], batch: int,
+                 errors: dict[str, float] | None = None) -> tuple[str, dict[str, float]]:
+    """Measure each available int8 backend at ``batch``; return the fastest and all timings (ms).
+
+    ``errors``, when given, receives each backend's mean squared velocity error against ``model``
+    (fp32) relative to the velocity's mean square, on the same batch: ``dynamic`` also rounds activations to int8, so it is often the faster and the less
+    exact (N→moons: W2 +7.8% against +0.0% for weights only); ``quantize.backend: torchao`` keeps
+    the weights-only error."""
+    x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
     t = torch.zeros(batch)
     timings: dict[str, float] = {}
+    with torch.inference_mode():
+        ref = model(x, t).float()
     for name in ("torchao", "dynamic"):
         try:
-            timings[name] = 1000 * _time(apply_backend(model, name), x, t)
+            m = apply_backend(model, name)
+            timings[name] = 1000 * _time(m, x, t)
+            if errors is not None:
+                with torch.inference_mode():
+                    errors[name] = float((m(x, t).float() - ref).pow(2).mean() / ref.pow(2).mean().clamp_min(1e-30))
         except Exception:  # backend not installed or unsupported on this build
             continue
     if not timings:
@@ -136,7 +150,12 @@ def load_quantized(stem: Path, card: dict[str, Any], device: torch.device | str)
         if torch.device(device).type != "cpu":
             backend = "dequant"  # the int4pack kernel is the x86 one; elsewhere run the dequantized weights
         return build_int4(card, state, backend, where).to(device)
-    raise ModelError(f"{Path(stem).with_suffix('.json')}: unknown quantization {quant!r} (expected int8, int4 or bf16)")
+    if quant == "fp8":
+        from rectflow.fp8 import build_fp8, fp8_native
+
+        return build_fp8(card, state, "scaled_mm" if fp8_native(device)[0] else "emulated", where, device)
+    raise ModelError(f"{Path(stem).with_suffix('.json')}: unknown quantization {quant!r} "
+                     "(expected int8, int4, bf16 or fp8)")
 
 
 class _BF16(nn.Module):
@@ -216,24 +235,9 @@ def _awq_candidates(w: Tensor, mean_abs: Tensor, group: int, grid: int):  # type
         yield alpha, s, dequantize_int4(q, sc, off, w.shape[1]) / cols  # (x / s) Q(W s)ᵀ = x (Q(W s) / s)ᵀ
 
 
-def awq_scales(w: Tensor, x: Tensor, group: int, grid: int = 11) -> tuple[Tensor, float, float]:
-    """AWQ's per-input-channel scale ``s = mean|x|^α`` (normalised to geometric mean 1) for one
-    layer alone: α on ``grid`` points of [0, 1] for the least ``‖x Wᵀ − (x / s) Q(W · s)ᵀ‖²`` on the
-    calibration inputs ``x`` ``(n, K)``. Returns ``(s (K,), α, relative error at α)``; α = 0 is plain
-    round-to-nearest (s = 1)."""
-    w, x = w.detach().float(), x.detach().float()
-    ref = x @ w.T
-    best: tuple[float, float, Tensor] = (float("inf"), 0.0, torch.ones(w.shape[1]))
-    for alpha, s, wq in _awq_candidates(w, x.abs().mean(0).clamp_min(1e-8), group, grid):
-        err = (x @ wq.T - ref).pow(2).sum().item()
-        if err < best[0]:
-            best = (err, alpha, s)
-    return best[2], best[1], best[0] / max(ref.pow(2).sum().item(), 1e-30)
-
-
-def _input_magnitudes(model: nn.Module, calib: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
+def _input_magnitudes(model: nn.Module, calib: tuple[Tensor, ...]) -> dict[str, Tensor]:
     """mean |input| per input channel of every Linear and Conv2d of ``model`` on the calibration
-    batch ``(x, t)``, in the order the forward pass reaches them."""
+    batch ``(x, t[, end])``, in the order the forward pass reaches them."""
     seen: dict[str, Tensor] = {}
 
     def hook(name: str, conv: bool):  # type: ignore[no-untyped-def]
@@ -253,12 +257,13 @@ def _input_magnitudes(model: nn.Module, calib: tuple[Tensor, Tensor]) -> dict[st
     return seen
 
 
-def int4_state(model: nn.Module, group: int, calib: tuple[Tensor, Tensor] | None,
+def int4_state(model: nn.Module, group: int, calib: tuple[Tensor, ...] | None,
                grid: int = 11) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Group-wise int4 of every Linear and Conv2d weight (``KEY.q4`` packed uint8, ``KEY.scale4`` and
     ``KEY.offset4`` float16; a convolution flattened to ``(out, in · kh · kw)``).
 
-    With a calibration batch ``calib`` = ``(x, t)`` every such layer gets AWQ's activation-aware
+    With a calibration batch ``calib`` = ``(x, t)`` (``(x, t, end)`` for an average-velocity
+    network) every such layer gets AWQ's activation-aware
     input-channel scales ``s = mean|x|^α`` (``KEY.act`` = s, float32: the layer computes
     ``(x / s) ∗ Q(W · s)``), α searched on ``grid`` points of [0, 1] against the *model's output*:
     layer by layer in forward order, earlier layers already quantized, the α with the least mean
@@ -322,7 +327,6 @@ class Int4Linear(nn.Module):
         super().__init__()
         self.in_features, self.backend = in_features, backend
         q = unpack_int4(q4)
-        self.register_buffer("inv_act", None if act is None else 1.0 / act.float())
         self.register_buffer("bias", None if bias is None else bias.float())
         self.group = q.shape[1] // scale.shape[1]
         self.kp = q.shape[1]
@@ -331,13 +335,14 @@ class Int4Linear(nn.Module):
             # the kernel wants N a multiple of 16: zero rows are added and their outputs dropped
             extra = _padded(self.out_features, 16) - self.out_features
             q, sc, off = (torch.nn.functional.pad(a, (0, 0, 0, extra)) for a in (q, scale.float(), offset.float()))
+            self.register_buffer("inv_act", None if act is None else 1.0 / act.float())  # x / s before the kernel
             self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
             # the kernel's form: w = (q − 8) · scale + zero, scales and zeros (G, N, 2)
             self.register_buffer("scale_zeros", torch.stack([sc, off + 8 * sc], -1).transpose(0, 1).contiguous())
         elif backend == "dequant":  # 1 / s folded into the weight's columns
             w = dequantize_int4(q, scale, offset, in_features)
             self.register_buffer("weight", w if act is None else w / act.float())
-            self.inv_act = None
+            self.inv_act = None  # a plain attribute: nothing to divide at run time
         else:
             raise ValueError(f"quantize.int4.backend: unknown {backend!r}; expected 'int4pack' or 'dequant'")
 
@@ -362,8 +367,9 @@ def check_int4_state(model: nn.Module, state: dict[str, Tensor], group: int, whe
     """ModelError naming ``where`` and the first tensor an int4 file lacks, adds or shapes wrongly
     for the architecture ``model`` (a card that does not fit its weights)."""
     expected: dict[str, tuple[int, ...]] = {}
+    modules = dict(model.named_modules())
     for key, v in model.state_dict().items():
-        mod = dict(model.named_modules()).get(key[: -len(".weight")]) if key.endswith(".weight") else None
+        mod = modules.get(key[: -len(".weight")]) if key.endswith(".weight") else None
         if isinstance(mod, (nn.Linear, nn.Conv2d)):
             n, k = v.shape[0], int(v[0].numel())
             kp = _padded(k, group)

@@ -197,7 +197,7 @@ REGISTRY: tuple[Stage, ...] = (
         ddp=True,
     ),
     Stage(
-        "quantize", "int8, int4 (AWQ) and bf16 variants of every student, each backend measured",
+        "quantize", "the int8, int4 (AWQ), bf16 and fp8 variants of every student, each backend measured",
         params=("seed", "distill.k", "quantize", "evaluate.latency_batch"),
         inputs=lambda p: ["data/prepared", *_student_files(p)],  # the AWQ calibration draws the source
         outputs=lambda p: [*(Out(f) for name in variant_names(p) for f in _model(name)), _metrics("quantize")],

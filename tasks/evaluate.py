@@ -368,7 +368,7 @@ def _pareto_png(layout: Layout, rows: list[dict], quality: str) -> None:
         xy = [(float(r[key]), float(r[quality])) for r in pts]
         students = [r["model"].startswith("distilled") for r in pts]
         ax.scatter([x for (x, _), s in zip(xy, students) if not s], [y for (_, y), s in zip(xy, students) if not s],
-                   s=14, c="tab:blue", label="flows (NFE > 1 where run so)")
+                   s=14, c="tab:blue", label="flows (rf1, rf2, …) at every NFE run")
         ax.scatter([x for (x, _), s in zip(xy, students) if s], [y for (_, y), s in zip(xy, students) if s],
                    s=18, c="tab:red", label="students and their variants")
         front = sorted(pareto_front(xy), key=lambda i: xy[i][0])

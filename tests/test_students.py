@@ -61,11 +61,16 @@ def test_meanflow_and_slimflow_students_through_the_stages(ws):  # noqa: F811
     with torch.no_grad():
         one = solve(model, z, "euler", 1)
         torch.testing.assert_close(one.x, z + model(z, torch.zeros(8), torch.ones(8)))
-    for stage in ("quantize", "evaluate"):
-        run_stage(stage, ws / "params.yaml", [*base, "distill.method=meanflow"], root=ws)
-    for v in ("int8", "int4", "bf16"):
+    every = [*base, "distill.method=meanflow", "quantize.variants=[int8, int4, bf16, fp8]"]
+    qrec = run_stage("quantize", ws / "params.yaml", every, root=ws)
+    fp8 = next(r for r in qrec["models"] if r["model"] == "distilled-fp8")
+    assert fp8["backend"] == "emulated" and "cpu has no FP8 matmul" in fp8["why"]  # this machine: no GPU
+    run_stage("evaluate", ws / "params.yaml", every, root=ws)
+    for v in ("int8", "int4", "bf16", "fp8"):
         q, qcard = load_model(ws / "models" / f"distilled-{v}")
         assert qcard["arch"]["average"] is True and getattr(q, "average_velocity", False)
+    rows = {r["model"] for r in json.loads((ws / "metrics" / "eval.json").read_text())["rows"]}
+    assert {"distilled", "distilled-fp8", "distilled-int4"} <= rows
 
     slim = [*base, "distill.method=slimflow", "distill.slimflow.reflow_steps=20"]
     rec = run_stage("distill", ws / "params.yaml", slim, root=ws)
