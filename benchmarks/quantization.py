@@ -108,7 +108,7 @@ def run(cfg: QuantConfig, seed: int = 0) -> dict[str, Any]:
             f"distill.steps={cfg.steps}", f"couple.n_pairs={cfg.n_pairs}",
             f"couple.shard_size={min(cfg.n_pairs, 10_000)}", f"couple.batch_size={min(cfg.n_pairs, 10_000)}",
             f"evaluate.n_samples={cfg.n_eval}", f"evaluate.latency_batch={cfg.batch}",
-            "evaluate.grid=[{models: students, solver: euler}]", "quantize.variants=[int8, int4, bf16]",
+            "evaluate.grid=[{models: students, solver: euler}]", "quantize.variants=[int8, int4, bf16, fp8]",
             *cfg.extra,
         ]
         for stage in ("prepare", "pretrain", "couple", "reflow", "distill"):
@@ -127,7 +127,7 @@ def run(cfg: QuantConfig, seed: int = 0) -> dict[str, Any]:
         z_one = z_lat[:1]
 
         variants: dict[str, Any] = {}
-        for name in ("distilled", "distilled-int8", "distilled-int4", "distilled-bf16"):
+        for name in ("distilled", "distilled-int8", "distilled-int4", "distilled-bf16", "distilled-fp8"):
             variants[name] = load_model(lay.model(name), "cpu")[0]
         # both int8 compute paths on the same int8 weights
         card8 = read_model_card(lay.model("distilled-int8"))

@@ -13,11 +13,19 @@ the same round-2 pairs of the same rf2 (the teacher):
 - ``meanflow (teacher size)``: MeanFlow with rf2's architecture (random weights).
 
 Each student: W2 after one Euler step (MeanFlow: z1 = z0 + u(z0, 0, 1)) on the evaluate stage's
-noise against the held-out target (exact W2, :func:`rectflow.metrics.w2`), parameters, bytes,
-latency per sample at batch 1 and 1024, training seconds; the teacher's W2 with 100 Euler steps
-(rf2, and rf1) beside them.
+noise against the held-out target (exact W2, :func:`rectflow.metrics.w2`), for images (digits) the
+FD of the evaluate stage (its frozen feature net, against the training split) instead; parameters,
+bytes, latency per sample at batch 1 and 1024, training seconds; the teachers' figure with 100
+Euler steps (rf2, and rf1) beside them.
 
-Run: ``python -m benchmarks.students [--seeds 0 1 2] [--quick]``.
+Images: ``--small`` defaults to ``{channels: 16, attention: false}`` (120,033 parameters against the
+U-Net's 485,185: 0.247×); the teacher-size row keeps the images profile's adversarial term, the
+small regression student too, SlimFlow and MeanFlow run without it. ``--reuse DIR`` takes a finished
+run's prepare, rf1, rf2, round-2 pairs and (as the teacher-size row, not retrained) its
+``distilled`` from the workspace DIR (a digits run costs ~40 min on 2 cores).
+
+Run: ``python -m benchmarks.students [--seeds 0 1 2] [--quick]``;
+``python -m benchmarks.students --target digits --seeds 0 --reuse /path/to/digits/workspace``.
 """
 
 from __future__ import annotations
@@ -37,31 +45,48 @@ from benchmarks import common
 NAME = "students"
 
 
+SMALL = {"moons": "{hidden: 112, depth: 3}", "digits": "{channels: 16, attention: false}"}
+
+
 @dataclass
 class StudentsConfig:
     target: str = "moons"
-    small: str = "{hidden: 112, depth: 3}"
+    small: str = SMALL["moons"]
     steps: int = 6000  # every student's total training steps
     lr: float = 1e-3
     slim_reflow_steps: int = 3000  # of steps, SlimFlow's annealing reflow
     n_eval: int = 5000
     repeats: int = 20
     extra: list[str] = field(default_factory=list)  # overrides for every stage (--quick shrinks it)
+    reuse: str | None = None  # a finished workspace whose chain (and distilled) are taken
+    only: list[str] = field(default_factory=list)  # the student rows to run (empty: all)
 
 
-def students(cfg: StudentsConfig) -> list[tuple[str, list[str]]]:
-    """(row label, distill overrides)."""
+def students(cfg: StudentsConfig) -> list[tuple[str, list[str] | None]]:
+    """(row label, distill overrides; None: the reused workspace's own ``distilled``)."""
     rnd = [f"distill.steps={cfg.steps}", f"distill.lr={cfg.lr}", "distill.warmup=200"]
     small = f"distill.student={cfg.small}"
-    return [
-        ("regression (teacher size)", []),
+    plain = ["distill.adversarial.weight=0"]  # SlimFlow and MeanFlow have no adversarial term
+    rows: list[tuple[str, list[str] | None]] = [
+        ("regression (teacher size)", None if cfg.reuse else []),
         ("regression (small)", [small, *rnd]),
-        ("slimflow (small)", [small, *rnd[1:], "distill.method=slimflow",
+        ("slimflow (small)", [small, *rnd[1:], *plain, "distill.method=slimflow",
                               f"distill.steps={cfg.steps - cfg.slim_reflow_steps}",
                               f"distill.slimflow.reflow_steps={cfg.slim_reflow_steps}"]),
-        ("meanflow (small)", [small, *rnd, "distill.method=meanflow"]),
-        ("meanflow (teacher size)", [*rnd, "distill.method=meanflow"]),
+        ("meanflow (small)", [small, *rnd, *plain, "distill.method=meanflow"]),
+        ("meanflow (teacher size)", [*rnd, *plain, "distill.method=meanflow"]),
     ]
+    return [r for r in rows if not cfg.only or r[0] in cfg.only]
+
+
+def _reuse(src: Path, root: Path) -> None:
+    """Copy a finished run's inputs of distill (and its distilled) into the workspace ``root``."""
+    for rel in ("data/prepared", "data/couplings"):
+        shutil.copytree(src / rel, root / rel)
+    (root / "models").mkdir(parents=True, exist_ok=True)
+    for f in (src / "models").iterdir():
+        if f.name.split(".")[0] in ("rf1", "rf2", "distilled"):
+            shutil.copy2(f, root / "models" / f.name)
 
 
 def latency(model: Any, z: Any, repeats: int) -> float:
@@ -94,48 +119,71 @@ def run(cfg: StudentsConfig, seed: int) -> dict[str, Any]:
     from rectflow.params import load_params
     from rectflow.solvers import solve
     from tasks.evaluate import eval_noise
+    from tasks.features import fd_scorer
 
     root = Path(tempfile.mkdtemp(prefix="rectflow-students-"))
     try:
         ov = [f"seed={seed}", f"data.target={cfg.target}", *cfg.extra]
         t_chain = {}
-        for stage in ("prepare", "pretrain", "couple", "reflow"):
-            _, t_chain[stage] = common.timed(common.run_stage, stage, root, ov)
+        if cfg.reuse:
+            _reuse(Path(cfg.reuse), root)
+        else:
+            for stage in ("prepare", "pretrain", "couple", "reflow"):
+                _, t_chain[stage] = common.timed(common.run_stage, stage, root, ov)
         lay = Layout(root)
         p = load_params(common.PARAMS, ov)
         test = load_prepared(lay.prepared, "target", "test")
-        n = min(cfg.n_eval, len(test.data))
-        ref, shape = test.data[:n], tuple(test.shape)
+        images = len(test.shape) == 3
+        n = min(cfg.n_eval, p.evaluate.n_samples if images else cfg.n_eval)
+        shape = tuple(test.shape)
         z = eval_noise(p, lay, n, shape)
-        z_lat = torch.randn(1024, *shape, generator=torch.Generator().manual_seed(1))
+        if images:  # FD against the training split, as the evaluate stage
+            scorer = fd_scorer(p, lay, torch.device("cpu"))
+            assert scorer is not None, "no feature net in data/prepared"
+
+            def quality(x: torch.Tensor) -> float:
+                return float(scorer(x)["fd"])
+        else:
+            ref = test.data[: min(n, len(test.data))]
+
+            def quality(x: torch.Tensor) -> float:
+                return w2(x, ref)
+        z_lat = torch.randn(1024 if not images else p.evaluate.latency_batch, *shape,
+                            generator=torch.Generator().manual_seed(1))
         teachers = {}
         with torch.inference_mode():
             for name in ("rf1", "rf2"):
                 m, _ = load_model(lay.model(name), "cpu")
-                teachers[name] = {"w2_100": w2(solve(m, z, "euler", 100).x.float(), ref), "params": count_params(m)}
+                teachers[name] = {"w2_100": quality(solve(m, z, "euler", 100).x.float()), "params": count_params(m)}
         rows = []
         for label, extra in students(cfg):
-            rec, secs = common.timed(common.run_stage, "distill", root, ov + extra)
+            if extra is None:  # the reused run's own student
+                rec, secs = json.loads((Path(cfg.reuse) / "metrics" / "distill.json").read_text()), 0.0
+            else:
+                rec, secs = common.timed(common.run_stage, "distill", root, ov + extra)
             model, card = load_model(lay.model("distilled"), "cpu")
             with torch.inference_mode():
                 x = solve(model, z, "euler", 1).x.float()
             s = rec["students"][0]
+            q = quality(x)
             rows.append({
                 "student": label, "method": card["meta"].get("method", "regression"), "init": card["meta"].get("init"),
                 "arch": {k: v for k, v in card["arch"].items() if k != "shape"}, "params": count_params(model),
                 "param_ratio": count_params(model) / teachers["rf2"]["params"],
                 "bytes": lay.model("distilled").with_suffix(".safetensors").stat().st_size,
-                "w2_1": w2(x, ref), "ratio_to_rf2_100": w2(x, ref) / teachers["rf2"]["w2_100"],
-                "ratio_to_rf1_100": w2(x, ref) / teachers["rf1"]["w2_100"],
+                "metric": "fd" if images else "w2", "reused": extra is None,
+                "w2_1": q, "ratio_to_rf2_100": q / teachers["rf2"]["w2_100"],
+                "ratio_to_rf1_100": q / teachers["rf1"]["w2_100"],
                 "latency_ms_b1": latency(model, z_lat[:1], cfg.repeats * 10),
                 "latency_ms_b1024": latency(model, z_lat, cfg.repeats),
                 "train_seconds": s["train_seconds"], "steps": s["steps"], "final_loss": s["final_loss"],
                 "stage_seconds": secs,
             })
-            print(f"[students] seed {seed} {label}: W2 {rows[-1]['w2_1']:.4f} "
+            print(f"[students] seed {seed} {label}: {'FD' if images else 'W2'} {rows[-1]['w2_1']:.4f} "
                   f"({rows[-1]['ratio_to_rf2_100']:.3f}× rf2@100), {rows[-1]['params']} params, "
                   f"{s['train_seconds']:.0f} s", file=sys.stderr, flush=True)
-        return {"seed": seed, "teachers": teachers, "rows": rows, "chain_seconds": t_chain}
+        return {"seed": seed, "teachers": teachers, "rows": rows, "chain_seconds": t_chain,
+                "metric": "fd" if images else "w2", "n_eval": n}
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -152,6 +200,7 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def markdown(data: dict[str, Any]) -> str:
     runs, agg, cfg = data["runs"], data["aggregate"], data["config"]
+    metric = "FD" if runs[0].get("metric") == "fd" else "W2"
     t2 = [r["teachers"]["rf2"]["w2_100"] for r in runs]
     t1 = [r["teachers"]["rf1"]["w2_100"] for r in runs]
     rows = [[a["student"], f"{a['params']:,} ({a['param_ratio']:.2f}×)", common.fmt_pm(a["w2_1"], 4),
@@ -160,12 +209,12 @@ def markdown(data: dict[str, Any]) -> str:
              f"{common.mean_std(a['train_seconds'])[0]:.0f}"] for a in agg]
     return "\n".join([
         f"N(0, I) → {cfg['target']}, seeds {', '.join(str(r['seed']) for r in runs)} (mean ± std); teacher rf2 "
-        f"({runs[0]['teachers']['rf2']['params']:,} parameters) W2 at 100 Euler steps {common.fmt_pm(t2, 4)} "
+        f"({runs[0]['teachers']['rf2']['params']:,} parameters) {metric} at 100 Euler steps {common.fmt_pm(t2, 4)} "
         f"(rf1: {common.fmt_pm(t1, 4)}). Every student on the same round-2 pairs, one Euler step; small ones "
         f"`{cfg['small']}` from random weights, {cfg['steps']} steps at lr {cfg['lr']} (SlimFlow: "
         f"{cfg['slim_reflow_steps']} of them annealing reflow).",
         "",
-        common.md_table(["student", "parameters", "W2 @1", "÷ rf2 @100", "÷ rf1 @100", "µs/sample b1",
+        common.md_table(["student", "parameters", f"{metric} @1", "÷ rf2 @100", "÷ rf1 @100", "µs/sample b1",
                          "µs/sample b1024", "train s"], rows),
         "",
         common.env_lines(data["env"]),
@@ -178,11 +227,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--quick", action="store_true", help="a smoke run: few steps, few pairs")
     ap.add_argument("--target", default="moons")
-    ap.add_argument("--small", default=StudentsConfig.small)
+    ap.add_argument("--small", default=None, help="the small students' architecture (default per target)")
+    ap.add_argument("--steps", type=int, default=StudentsConfig.steps)
+    ap.add_argument("--lr", type=float, default=StudentsConfig.lr)
+    ap.add_argument("--reuse", default=None, help="a finished workspace: its chain and distilled are taken")
+    ap.add_argument("--only", nargs="*", default=[], help="student rows to run (labels)")
     args = ap.parse_args(argv)
-    cfg = StudentsConfig(target=args.target, small=args.small)
+    small = args.small or SMALL.get(args.target, SMALL["moons"])
+    cfg = StudentsConfig(target=args.target, small=small, steps=args.steps, lr=args.lr,
+                         slim_reflow_steps=args.steps // 2, reuse=args.reuse, only=args.only)
     if args.quick:
-        cfg = StudentsConfig(target=args.target, small=args.small, steps=40, slim_reflow_steps=20, n_eval=500,
+        cfg = StudentsConfig(target=args.target, small=small, steps=40, slim_reflow_steps=20, n_eval=500,
                              repeats=2, extra=["pretrain.steps=30", "reflow.steps=30", "couple.n_pairs=2000",
                                                "couple.shard_size=1000", "couple.batch_size=1000", "couple.solver=euler",
                                                "couple.steps=10", "couple.reflowed.steps=10", "distill.steps=40",
@@ -192,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs = [run(cfg, s) for s in args.seeds]
     data = {"config": cfg.__dict__, "runs": runs, "aggregate": aggregate(runs), "env": env,
             "command": "python -m benchmarks.students " + " ".join(argv if argv is not None else sys.argv[1:])}
-    common.publish(NAME, data, markdown(data), args.quick)
+    common.publish(NAME if args.target == "moons" else f"{NAME}_{args.target}", data, markdown(data), args.quick)
     print(json.dumps(data["aggregate"], indent=1, default=str))
     return data
 

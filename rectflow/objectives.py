@@ -238,9 +238,16 @@ class MeanFlowLoss:
     def __call__(self, net: nn.Module, x0: Tensor, x1: Tensor, step: int, ctx: StepContext) -> tuple[Tensor, Tensor]:
         s, e = self.times(x0.shape[0], ctx.gen, ctx.device)
         z = interpolate(x0, x1, s)
+        v = (x1 - x0).to(z.dtype)
         # In fp32 whatever the precision: forward-mode AD under bf16 autocast fails in convolutions
         # (the tangent keeps fp32 while autocast casts the weights; torch 2.13, CPU).
-        u, target = meanflow_target(lambda z_, s_, e_: net(z_, s_, e_), z, s, e, (x1 - x0).to(z.dtype))
+        inner = getattr(net, "module", None)  # DDP: its forward cannot run inside a functorch transform
+        if isinstance(inner, nn.Module):
+            with torch.no_grad():  # the (stop-gradient) target from the module itself, u from DDP's forward
+                _, target = meanflow_target(lambda z_, s_, e_: inner(z_, s_, e_), z, s, e, v)
+            u = net(z, s, e)
+        else:
+            u, target = meanflow_target(lambda z_, s_, e_: net(z_, s_, e_), z, s, e, v)
         if self.norm_p <= 0:
             loss = self.distance(u, target)
             return loss, loss

@@ -3,8 +3,9 @@
 (Just over 400 lines on purpose: the loop, its checkpoint/resume and its data-parallel paths are
 read as one, as in nanoGPT.)
 
-Each step draws a batch of pairs ``(x0, x1)`` ``(B, *shape)`` from a :class:`BatchSource`, times
-``t`` ``(B,)`` from p(t), and minimises D(x1 − x0, v(x_t, t)) (:mod:`rectflow.flow`). AdamW with
+Each step draws a batch of pairs ``(x0, x1)`` ``(B, *shape)`` from a :class:`BatchSource` and
+minimises an objective's loss on it (:mod:`rectflow.objectives`): by default times ``t`` ``(B,)``
+from p(t) and D(x1 − x0, v(x_t, t)) (:mod:`rectflow.flow`); SlimFlow's and MeanFlow's for distill. AdamW with
 linear warm-up (then a constant or cosine-decayed learning rate), gradient-norm clipping, an EMA of
 the weights (what gets saved), optional bf16 autocast. Every ``checkpoint_every`` steps the whole
 state (weights, EMA, optimizer, RNG states, batch-source position, step) is written atomically, so a
@@ -240,7 +241,9 @@ def train(
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)  # broadcasts rank 0's weights
+        # broadcasts rank 0's weights; the networks' buffers are constants (time frequencies), never
+        # re-broadcast per forward: that copy would also break MeanFlow's forward-mode JVP
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
         if ema is not None:
             for e in ema:
                 dist.broadcast(e, 0)

@@ -113,3 +113,29 @@ def test_ablation_digits_quick(tmp_path, monkeypatch):
     assert not (tmp_path / "results" / "ablation_digits.json").exists()
     assert not (tmp_path / "BENCHMARKS.md").exists()
     assert "| uniform | l2 |" in ablation_digits.markdown(data)
+
+
+@pytest.mark.timeout(300)
+def test_students_quick(tmp_path, monkeypatch):
+    """The students benchmark, smoke-sized: every method's row on the same pairs, the small ones
+    under a quarter of the teacher's parameters; results go to the quick JSON only."""
+    import json
+
+    from benchmarks import students
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(common, "BENCHMARKS_MD", tmp_path / "BENCHMARKS.md")
+    monkeypatch.setenv("RECTFLOW_THREADS", "1")
+    data = students.main(["--quick", "--seeds", "0"])
+    rows = {r["student"]: r for r in data["runs"][0]["rows"]}
+    assert set(rows) == {"regression (teacher size)", "regression (small)", "slimflow (small)", "meanflow (small)",
+                         "meanflow (teacher size)"}
+    assert rows["slimflow (small)"]["method"] == "slimflow" and rows["meanflow (small)"]["method"] == "meanflow"
+    assert rows["regression (teacher size)"]["init"] == "teacher" and rows["regression (small)"]["init"] == "random"
+    for label, r in rows.items():
+        assert math.isfinite(r["w2_1"]) and r["latency_ms_b1"] > 0 and r["bytes"] > 0
+        assert (r["param_ratio"] <= 0.25) == ("small" in label)
+    assert rows["meanflow (small)"]["params"] == rows["regression (small)"]["params"]
+    assert json.loads((tmp_path / "results" / "students.quick.json").read_text())["aggregate"]
+    assert not (tmp_path / "BENCHMARKS.md").exists()
+    assert "| slimflow (small) |" in students.markdown(data)

@@ -126,3 +126,23 @@ def test_adversarial_distill_under_torchrun_two_ranks_identical_weights(trained:
     assert a == b
     header = (ws / "plots/train/distilled.csv").read_text().splitlines()[0]
     assert header.split(",") == ["step", "loss", "lr", "samples_per_s", "d_loss"]  # the discriminator's, too
+
+
+@pytest.mark.parametrize("method", ["meanflow", "slimflow"])
+def test_meanflow_and_slimflow_distill_under_torchrun_two_ranks(trained: Path, tmp_path: Path, method: str) -> None:
+    """MeanFlow's JVP runs through the DDP-wrapped student, SlimFlow's teacher beside it: two ranks
+    end with the same weights."""
+    ws = copy_workspace(trained, tmp_path / method)
+    from tasks.runner import run_stage
+
+    for stage in ("couple", "reflow"):
+        run_stage(stage, ws / "params.yaml", OVERRIDES, root=ws)
+    over = [*OVERRIDES, "distill.nproc=2", "distill.steps=20", f"distill.method={method}",
+            "distill.student={hidden: 16, depth: 2}", "distill.slimflow.reflow_steps=10"]
+    r = _stage(ws, tmp_path, "distill", over)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec = json.loads((ws / "metrics/distill.json").read_text())["students"][0]
+    assert rec["world"] == 2 and rec["method"] == method
+    assert rec["steps_run"] == (30 if method == "slimflow" else 20)
+    a, b = rec["rank_weights_sha256"]
+    assert a == b
