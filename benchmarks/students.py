@@ -132,6 +132,10 @@ def run(cfg: StudentsConfig, seed: int) -> dict[str, Any]:
                 _, t_chain[stage] = common.timed(common.run_stage, stage, root, ov)
         lay = Layout(root)
         p = load_params(common.PARAMS, ov)
+        if cfg.reuse:  # verifies the copied round's shards by sha256, remakes any missing (seeded: the same pairs)
+            from tasks.couple import run_round
+
+            _, t_chain["couple (repair)"] = common.timed(run_round, p, lay, p.reflow.rounds + 1)
         test = load_prepared(lay.prepared, "target", "test")
         images = len(test.shape) == 3
         n = min(cfg.n_eval, p.evaluate.n_samples if images else cfg.n_eval)
@@ -208,6 +212,8 @@ def markdown(data: dict[str, Any]) -> str:
              f"{common.mean_std(a['latency_ms_b1'])[0] * 1000:.1f}", f"{common.mean_std(a['latency_ms_b1024'])[0] * 1000:.2f}",
              f"{common.mean_std(a['train_seconds'])[0]:.0f}"] for a in agg]
     return "\n".join([
+        f"## Smaller one-step students on {cfg['target']}: regression, SlimFlow, MeanFlow (#17)", "",
+        f"Reproduce: `{data['command']}`", "",
         f"N(0, I) → {cfg['target']}, seeds {', '.join(str(r['seed']) for r in runs)} (mean ± std); teacher rf2 "
         f"({runs[0]['teachers']['rf2']['params']:,} parameters) {metric} at 100 Euler steps {common.fmt_pm(t2, 4)} "
         f"(rf1: {common.fmt_pm(t1, 4)}). Every student on the same round-2 pairs, one Euler step; small ones "
@@ -218,7 +224,6 @@ def markdown(data: dict[str, Any]) -> str:
                          "µs/sample b1024", "train s"], rows),
         "",
         common.env_lines(data["env"]),
-        f"Command: `{data['command']}`",
     ])
 
 
@@ -247,7 +252,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs = [run(cfg, s) for s in args.seeds]
     data = {"config": cfg.__dict__, "runs": runs, "aggregate": aggregate(runs), "env": env,
             "command": "python -m benchmarks.students " + " ".join(argv if argv is not None else sys.argv[1:])}
-    common.publish(NAME if args.target == "moons" else f"{NAME}_{args.target}", data, markdown(data), args.quick)
+    name = NAME if args.target == "moons" else f"{NAME}_{args.target}"
+    if args.only:  # a subset of the rows: a result (and section) of its own, beside the full one
+        name += "_" + "_".join(o.split(" ")[0] for o in args.only)
+    common.publish(name, data, markdown(data), args.quick)
     print(json.dumps(data["aggregate"], indent=1, default=str))
     return data
 

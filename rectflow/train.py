@@ -254,6 +254,7 @@ def train(
     if objective is None:
         objective = RectifiedFlowLoss(time_dist or cfg.time_dist, cfg.loss, cfg.huber_c, k=k, adversary=adversary)
     ctx = StepContext(gen=gen, autocast=autocast, device=device)
+    phases = tuple(getattr(objective, "phase_starts", ()))  # steps where a new phase (and EMA) begins
     decaying = cfg.lr_schedule != "constant"
     # The per-step work besides forward/backward/step is kept to a few kernels with no host sync: the
     # EMA sources are detached once, the learning rate is written only while it changes, and a NaN
@@ -328,7 +329,10 @@ def train(
             clip_grad_norm(params, cfg.grad_clip)
         opt.step()
         if ema is not None:
-            decay = min(cfg.ema, (1 + step) / (10 + step))
+            # An objective in phases (SlimFlow: annealing reflow, then distillation) restarts the
+            # average at each phase: the saved weights average the last phase only.
+            since = step - max((r for r in phases if r <= step), default=0)
+            decay = 0.0 if step in phases else min(cfg.ema, (1 + since) / (10 + since))  # 0: a restart
             with torch.no_grad():
                 torch._foreach_lerp_(ema, ema_src, 1 - decay)
         window[n_acc] = loss.detach()

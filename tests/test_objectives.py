@@ -240,3 +240,53 @@ def test_rectified_flow_loss_at_t0_is_one_step_regression() -> None:
     assert torch.equal(net.calls[-1][1], torch.zeros(16)) and torch.equal(net.calls[-1][0], x0)
     torch.testing.assert_close(loss, (x1 - x0).pow(2).mean())
     assert total is loss
+
+
+def test_slimflow_restarts_the_weight_average_where_distillation_begins(tmp_path) -> None:
+    """An EMA carried across SlimFlow's phases would keep the annealed flow's weights in the student:
+    the loop restarts it at ``phase_starts`` (decay 0 there), so the saved weights are an EMA of the
+    distillation steps alone: e = w3, then e = d·e + (1 − d)·w_s with d = (1 + s − 3)/(10 + s − 3)."""
+    from types import SimpleNamespace
+
+    from rectflow.train import train
+
+    class Pairs:
+        def __init__(self) -> None:
+            self.g = torch.Generator().manual_seed(0)
+
+        def next_batch(self, n: int) -> tuple[Tensor, Tensor]:
+            x0 = torch.randn(n, 2, generator=self.g)
+            return x0, x0 + 1.0
+
+        def state_dict(self) -> dict:
+            return {}
+
+        def load_state_dict(self, state: dict) -> None:
+            pass
+
+    class Phased:
+        phase_starts = (3,)
+
+        def __init__(self) -> None:
+            self.before: list[list[Tensor]] = []  # weights before step s = weights after step s − 1
+
+        def __call__(self, net, x0, x1, step, ctx):
+            self.before.append([q.detach().clone() for q in net.parameters()])
+            loss = (net(x0, torch.zeros(len(x0))) - (x1 - x0)).pow(2).mean()
+            return loss, loss
+
+    def run(ema: float, name: str) -> tuple[list[Tensor], Phased]:
+        cfg = SimpleNamespace(steps=6, batch_size=8, lr=1e-2, weight_decay=0.0, warmup=0, lr_schedule="constant",
+                              grad_clip=0.0, ema=ema, time_dist="uniform", loss="l2", huber_c=None, precision="fp32",
+                              checkpoint_every=1000, log_every=2)
+        torch.manual_seed(0)
+        net, obj = build_model(MLP), Phased()
+        train(net, Pairs(), cfg, name=name, seed=0, checkpoint_dir=tmp_path / name, objective=obj)
+        return [q.detach().clone() for q in net.parameters()], obj
+
+    averaged, _ = run(0.999, "ema")
+    raw, obj = run(0.0, "raw")  # the same steps (the average never feeds back): the raw weights
+    w3, w4, w5 = obj.before[4], obj.before[5], raw
+    d4, d5 = 2 / 11, 3 / 12
+    for a, q3, q4, q5 in zip(averaged, w3, w4, w5):
+        torch.testing.assert_close(a, d5 * (d4 * q3 + (1 - d4) * q4) + (1 - d5) * q5)
