@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -66,16 +68,21 @@ def students(cfg: StudentsConfig) -> list[tuple[str, list[str] | None]]:
     """(row label, distill overrides; None: the reused workspace's own ``distilled``)."""
     rnd = [f"distill.steps={cfg.steps}", f"distill.lr={cfg.lr}", "distill.warmup=200"]
     small = f"distill.student={cfg.small}"
-    plain = ["distill.adversarial.weight=0"]  # SlimFlow and MeanFlow have no adversarial term
+    plain = ["distill.adversarial.weight=0"]  # MeanFlow has no adversarial term
     rows: list[tuple[str, list[str] | None]] = [
         ("regression (teacher size)", None if cfg.reuse else []),
         ("regression (small)", [small, *rnd]),
         ("slimflow (small)", [small, *rnd[1:], *plain, "distill.method=slimflow",
                               f"distill.steps={cfg.steps - cfg.slim_reflow_steps}",
                               f"distill.slimflow.reflow_steps={cfg.slim_reflow_steps}"]),
+        ("slimflow + adversarial (small)", [small, *rnd[1:], "distill.method=slimflow",
+                                            f"distill.steps={cfg.steps - cfg.slim_reflow_steps}",
+                                            f"distill.slimflow.reflow_steps={cfg.slim_reflow_steps}"]),
         ("meanflow (small)", [small, *rnd, *plain, "distill.method=meanflow"]),
         ("meanflow (teacher size)", [*rnd, *plain, "distill.method=meanflow"]),
     ]
+    if not cfg.only:  # the adversarial SlimFlow row only where the profile has the term (images), or asked
+        rows = [r for r in rows if r[0] != "slimflow + adversarial (small)" or cfg.target == "digits"]
     return [r for r in rows if not cfg.only or r[0] in cfg.only]
 
 
@@ -187,7 +194,7 @@ def run(cfg: StudentsConfig, seed: int) -> dict[str, Any]:
                   f"({rows[-1]['ratio_to_rf2_100']:.3f}× rf2@100), {rows[-1]['params']} params, "
                   f"{s['train_seconds']:.0f} s", file=sys.stderr, flush=True)
         return {"seed": seed, "teachers": teachers, "rows": rows, "chain_seconds": t_chain,
-                "metric": "fd" if images else "w2", "n_eval": n}
+                "metric": "fd" if images else "w2", "n_eval": n, "latency_batch": len(z_lat)}
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -205,23 +212,30 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def markdown(data: dict[str, Any]) -> str:
     runs, agg, cfg = data["runs"], data["aggregate"], data["config"]
     metric = "FD" if runs[0].get("metric") == "fd" else "W2"
+    lb = runs[0].get("latency_batch", 256 if metric == "FD" else 1024)
     t2 = [r["teachers"]["rf2"]["w2_100"] for r in runs]
     t1 = [r["teachers"]["rf1"]["w2_100"] for r in runs]
-    rows = [[a["student"], f"{a['params']:,} ({a['param_ratio']:.2f}×)", common.fmt_pm(a["w2_1"], 4),
+    rows = [[a["student"], f"{a['params']:,} ({a['param_ratio']:.3f}×)", common.fmt_pm(a["w2_1"], 4),
              common.fmt_pm(a["ratio_to_rf2_100"]), common.fmt_pm(a["ratio_to_rf1_100"]),
              f"{common.mean_std(a['latency_ms_b1'])[0] * 1000:.1f}", f"{common.mean_std(a['latency_ms_b1024'])[0] * 1000:.2f}",
              f"{common.mean_std(a['train_seconds'])[0]:.0f}"] for a in agg]
     return "\n".join([
         f"## Smaller one-step students on {cfg['target']}: regression, SlimFlow, MeanFlow (#17)", "",
-        f"Reproduce: `{data['command']}`", "",
+        f"Reproduce: `{data['command']}`"
+        + (f" (`--reuse`: the workspace of a finished `rectflow run --set data.target={cfg['target']}`, seed "
+           f"{runs[0]['seed']}; its prepare, rf1, rf2, round-2 pairs and `distilled`, the teacher-size row, are "
+           "taken as they are)" if cfg.get("reuse") else ""), "",
         f"N(0, I) → {cfg['target']}, seeds {', '.join(str(r['seed']) for r in runs)} (mean ± std); teacher rf2 "
         f"({runs[0]['teachers']['rf2']['params']:,} parameters) {metric} at 100 Euler steps {common.fmt_pm(t2, 4)} "
         f"(rf1: {common.fmt_pm(t1, 4)}). Every student on the same round-2 pairs, one Euler step; small ones "
         f"`{cfg['small']}` from random weights, {cfg['steps']} steps at lr {cfg['lr']} (SlimFlow: "
-        f"{cfg['slim_reflow_steps']} of them annealing reflow).",
+        f"{cfg['slim_reflow_steps']} of them annealing reflow)."
+        + (" The regression students and `slimflow + adversarial` keep the images profile's adversarial term "
+           "(weight 0.01); `slimflow` and MeanFlow run without it. FD: the evaluate stage's (its frozen feature net, against the training "
+           "split)." if metric == "FD" else ""),
         "",
         common.md_table(["student", "parameters", f"{metric} @1", "÷ rf2 @100", "÷ rf1 @100", "µs/sample b1",
-                         "µs/sample b1024", "train s"], rows),
+                         f"µs/sample b{lb}", "train s"], rows),
         "",
         common.env_lines(data["env"]),
     ])
@@ -251,10 +265,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     env = common.environment()
     runs = [run(cfg, s) for s in args.seeds]
     data = {"config": cfg.__dict__, "runs": runs, "aggregate": aggregate(runs), "env": env,
-            "command": "python -m benchmarks.students " + " ".join(argv if argv is not None else sys.argv[1:])}
+            "command": "python -m benchmarks.students " + shlex.join(argv if argv is not None else sys.argv[1:])}
     name = NAME if args.target == "moons" else f"{NAME}_{args.target}"
     if args.only:  # a subset of the rows: a result (and section) of its own, beside the full one
-        name += "_" + "_".join(o.split(" ")[0] for o in args.only)
+        name += "_" + "_".join(re.sub(r"[^a-z0-9]+", "_", o.lower()).strip("_") for o in args.only)
     common.publish(name, data, markdown(data), args.quick)
     print(json.dumps(data["aggregate"], indent=1, default=str))
     return data

@@ -323,9 +323,9 @@ class DistillParams(TrainParams):
 
     @model_validator(mode="after")
     def _method_options(self) -> DistillParams:
-        if self.adversarial.weight > 0 and self.method != "regression":
-            raise ValueError(f"distill.adversarial.weight: the adversarial term is for distill.method 'regression', "
-                             f"got {self.method!r} (set distill.adversarial.weight: 0)")
+        if self.adversarial.weight > 0 and self.method == "meanflow":
+            raise ValueError("distill.adversarial.weight: the adversarial term is for distill.method 'regression' "
+                             "or 'slimflow', got 'meanflow' (set distill.adversarial.weight: 0)")
         return self
 
 

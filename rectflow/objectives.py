@@ -148,6 +148,9 @@ class SlimFlowLoss:
         L = D(Z1 − Z0, v(Z0, 0)) + w·D(v(ε, 0), sg(x̂1 − ε)),
         x_t = ε + t·sg(v(ε, 0)),  t ~ U(t_lo, t_hi),  x̂1 = x_t + (1 − t)·v_T(x_t, t)
 
+    ``adversary`` (optional, :mod:`rectflow.adversarial`): in the second phase adds its −λ·E[D(x̂1)]
+    on the student's jump x̂1 = x_t + (1 − t)·v(x_t, t), as with regression (SlimFlow's own
+    distillation uses LPIPS there; rectflow has no pretrained perceptual network).
     ``reported`` is the flow loss in the first phase and the regression alone in the second.
     ``phase_starts``: the training loop restarts its EMA of the weights where distillation begins,
     so that the saved student averages distillation's weights only (an EMA of 0.999 carried over
@@ -156,8 +159,9 @@ class SlimFlowLoss:
 
     def __init__(self, *, teacher: nn.Module, draw: SourceDraw, reflow_steps: int, anneal_steps: int,
                  schedule: str, reflow_time_dist: str, guide_weight: float, guide_t: tuple[float, float],
-                 loss: str = "l2", huber_c: float | None = None, k: int = 1) -> None:
-        self.teacher, self.draw = teacher, draw
+                 loss: str = "l2", huber_c: float | None = None, k: int = 1,
+                 adversary: Adversary | None = None) -> None:
+        self.teacher, self.draw, self.adversary = teacher, draw, adversary
         self.reflow_steps, self.anneal_steps, self.schedule = reflow_steps, anneal_steps, schedule
         self.reflow_time_dist, self.k = reflow_time_dist, k
         self.guide_weight, self.guide_t = guide_weight, guide_t
@@ -186,14 +190,19 @@ class SlimFlowLoss:
             out = net(torch.cat([interpolate(x0, x1, t), eps]), torch.cat([t, zero])).float()
         pred, v_eps = out[:b], out[b:]
         loss = self.distance(pred, x1 - x0)
+        total = loss
+        if self.adversary is not None:
+            xt0 = interpolate(x0, x1, t)
+            with ctx.autocast:
+                total = total + self.adversary.student_term(xt0 + _bcast(1 - t, xt0) * pred, x1)
         if self.guide_weight <= 0:
-            return loss, loss
+            return loss, total
         with torch.no_grad():
             xt = eps + _bcast(tg, eps) * v_eps.detach()
             with ctx.autocast:
                 vt = self.teacher(xt, tg).float()
             x_hat = xt + _bcast(1 - tg, xt) * vt
-        return loss, loss + self.guide_weight * self.distance(v_eps, x_hat - eps)
+        return loss, total + self.guide_weight * self.distance(v_eps, x_hat - eps)
 
 
 def meanflow_target(u: Callable[[Tensor, Tensor, Tensor], Tensor], z: Tensor, s: Tensor, e: Tensor,

@@ -7,7 +7,8 @@ Trained on the last flow's own pairs (Z0, Z1), initialised from its weights (or,
   D(Z1 − Z0, v(Z0, 0))) or to t ∈ {0, 1/k, …, (k−1)/k}; with ``distill.adversarial.weight`` λ > 0,
   a discriminator trained beside the student adds −λ·E[D(x̂1)] (:mod:`rectflow.adversarial`).
 - ``slimflow``: ``distill.slimflow.reflow_steps`` of annealing reflow, then ``steps`` of that
-  regression plus the flow-guided term of the large teacher (:class:`rectflow.objectives.SlimFlowLoss`).
+  regression (with the adversarial term when its weight is > 0) plus the flow-guided term of the
+  large teacher (:class:`rectflow.objectives.SlimFlowLoss`).
 - ``meanflow``: an average-velocity student u(z, s, e) (``average: true`` in its card) trained with
   the MeanFlow identity (:class:`rectflow.objectives.MeanFlowLoss`); sampled z1 = z0 + u(z0, 0, 1),
   or k Euler steps of its averages; from random weights (its times are embedded unscaled).
@@ -48,7 +49,8 @@ def student_arch(p: Params, teacher_arch: dict[str, Any]) -> dict[str, Any]:
     return arch | {"average": True}
 
 
-def _objective(p: Params, layout: Layout, parent: str, k: int, dev: torch.device) -> Objective | None:
+def _objective(p: Params, layout: Layout, parent: str, k: int, dev: torch.device,
+               adversary: Adversary | None) -> Objective | None:
     d = p.distill
     if d.method == "meanflow":
         m = d.meanflow
@@ -61,6 +63,7 @@ def _objective(p: Params, layout: Layout, parent: str, k: int, dev: torch.device
             teacher=big, draw=lambda n, g: src.sample(n, g), reflow_steps=s.reflow_steps,
             anneal_steps=round(s.anneal * s.reflow_steps), schedule=s.schedule, reflow_time_dist=s.time_dist,
             guide_weight=s.guide_weight, guide_t=tuple(s.guide_t), loss=d.loss, huber_c=d.huber_c, k=k,
+            adversary=adversary,
         )
     return None
 
@@ -97,6 +100,6 @@ def run(p: Params, layout: Layout) -> dict:
             meta={"role": "student", "steps": k, "parent": parent, "init": "teacher" if warm else "random",
                   "method": p.distill.method}, dev=dev,
             time_dist="discrete", k=k,
-            adversary=adversary, objective=_objective(p, layout, parent, k, dev),
+            adversary=adversary, objective=_objective(p, layout, parent, k, dev, adversary),
         ) | {"method": p.distill.method})
     return {"students": out}

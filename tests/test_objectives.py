@@ -290,3 +290,33 @@ def test_slimflow_restarts_the_weight_average_where_distillation_begins(tmp_path
     d4, d5 = 2 / 11, 3 / 12
     for a, q3, q4, q5 in zip(averaged, w3, w4, w5):
         torch.testing.assert_close(a, d5 * (d4 * q3 + (1 - d4) * q4) + (1 - d5) * q5)
+
+
+def test_slimflow_adds_the_adversarial_term_in_distillation_only() -> None:
+    class Fixed:
+        calls = 0
+
+        def student_term(self, fake: Tensor, real: Tensor) -> Tensor:
+            Fixed.calls += 1
+            return torch.tensor(0.25)
+
+    x0, x1 = torch.randn(8, 2), torch.randn(8, 2)
+    obj = SlimFlowLoss(teacher=_Recorder(), draw=lambda n, g: torch.randn(n, 2, generator=g), reflow_steps=2,
+                       anneal_steps=1, schedule="linear", reflow_time_dist="uniform", guide_weight=0.0,
+                       guide_t=(0.2, 0.8), adversary=Fixed())  # type: ignore[arg-type]
+    loss, total = obj(_Recorder(), x0, x1, 0, _ctx())
+    assert torch.equal(loss, total) and Fixed.calls == 0  # annealing reflow: no discriminator
+    loss, total = obj(_Recorder(), x0, x1, 2, _ctx())
+    assert Fixed.calls == 1 and torch.allclose(total - loss, torch.tensor(0.25))
+
+
+def test_meanflow_with_an_adversarial_weight_is_refused_naming_the_key() -> None:
+    from pathlib import Path
+
+    from rectflow.config import ParamsError
+    from rectflow.params import load_params
+
+    params = Path(__file__).resolve().parents[1] / "params.yaml"
+    with pytest.raises(ParamsError, match="distill.adversarial.weight: the adversarial term is for distill.method"):
+        load_params(params, ["distill.method=meanflow", "distill.adversarial.weight=0.1"])
+    load_params(params, ["distill.method=slimflow", "distill.adversarial.weight=0.1"])  # allowed
