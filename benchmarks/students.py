@@ -220,7 +220,8 @@ def markdown(data: dict[str, Any]) -> str:
              f"{common.mean_std(a['latency_ms_b1'])[0] * 1000:.1f}", f"{common.mean_std(a['latency_ms_b1024'])[0] * 1000:.2f}",
              f"{common.mean_std(a['train_seconds'])[0]:.0f}"] for a in agg]
     return "\n".join([
-        f"## Smaller one-step students on {cfg['target']}: regression, SlimFlow, MeanFlow (#17)", "",
+        (f"## Smaller one-step students on {cfg['target']}: regression, SlimFlow, MeanFlow (#17)" if not cfg.get("only")
+         else f"### Smaller one-step students on {cfg['target']}: {', '.join(cfg['only'])}"), "",
         f"Reproduce: `{data['command']}`"
         + (f" (`--reuse`: the workspace of a finished `rectflow run --set data.target={cfg['target']}`, seed "
            f"{runs[0]['seed']}; its prepare, rf1, rf2, round-2 pairs and `distilled`, the teacher-size row, are "
