@@ -510,6 +510,11 @@ class Params(Section):
                 if m is not None and m.kind == "unet":
                     raise ValueError(f"{key}.kind: 'unet' needs (c, h, w) data; data.target {self.data.target!r} "
                                      "is vectors (use mlp or auto)")
+        if self.distill.method == "meanflow":  # its two times share the embedding, half each
+            key, m = ("distill.student", self.distill.student) if self.distill.student else ("model", self.model)
+            if m.time_embed % 4:
+                raise ValueError(f"{key}.time_embed: distill.method 'meanflow' embeds two times in it (half each): "
+                                 f"needs a multiple of 4, got {m.time_embed}")
         return self
 
     @model_validator(mode="after")

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rectflow.nets import build_model, check_shapes
+from rectflow.nets import build_model, check_shapes, weight_keys
 
 __all__ = ["E4M3_MAX", "Fp8Linear", "build_fp8", "check_fp8_state", "fp8_native", "fp8_state", "quantize_e4m3"]
 
@@ -54,13 +54,9 @@ def quantize_e4m3(x: Tensor, dim: int = -1) -> tuple[Tensor, Tensor]:
     return (x.float() / s).clamp(-E4M3_MAX, E4M3_MAX).to(FP8), s
 
 
-def _weight_keys(model: nn.Module) -> set[str]:
-    return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
-
-
 def fp8_state(model: nn.Module) -> dict[str, Tensor]:
     """Every Linear/Conv2d weight as ``KEY.f8`` + ``KEY.scale8`` (per output channel), the rest fp32."""
-    keys = _weight_keys(model)
+    keys = weight_keys(model)
     out: dict[str, Tensor] = {}
     for k, v in model.state_dict().items():
         if k in keys:
@@ -119,7 +115,7 @@ class Fp8Linear(nn.Module):
 
 def check_fp8_state(model: nn.Module, state: dict[str, Tensor], where: Path) -> None:
     """ModelError naming ``where`` and the first tensor an FP8 file lacks, adds or shapes wrongly."""
-    keys = _weight_keys(model)
+    keys = weight_keys(model)
     expected: dict[str, tuple[int, ...]] = {}
     for key, v in model.state_dict().items():
         if key in keys:

@@ -107,6 +107,12 @@ def arch_from_params(model_params: Any, shape: tuple[int, ...], key: str = "mode
     return arch
 
 
+def weight_keys(model: nn.Module) -> set[str]:
+    """The state keys of every Linear and Conv2d weight of ``model`` (what the quantized variants
+    store in fewer bits)."""
+    return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -186,13 +186,13 @@ class SlimFlowLoss:
         eps = self.draw(b, ctx.gen).to(ctx.device, x0.dtype).reshape(x0.shape)
         tg = self.guide_t[0] + (self.guide_t[1] - self.guide_t[0]) * torch.rand(b, generator=ctx.gen).to(ctx.device)
         zero = torch.zeros_like(t)
+        xt0 = interpolate(x0, x1, t)
         with ctx.autocast:  # the regression's and the guide's student forwards in one batch
-            out = net(torch.cat([interpolate(x0, x1, t), eps]), torch.cat([t, zero])).float()
+            out = net(torch.cat([xt0, eps]), torch.cat([t, zero])).float()
         pred, v_eps = out[:b], out[b:]
         loss = self.distance(pred, x1 - x0)
         total = loss
         if self.adversary is not None:
-            xt0 = interpolate(x0, x1, t)
             with ctx.autocast:
                 total = total + self.adversary.student_term(xt0 + _bcast(1 - t, xt0) * pred, x1)
         if self.guide_weight <= 0:

@@ -33,20 +33,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rectflow.nets import ModelError, build_model, check_shapes, check_state, load_state
+from rectflow.nets import ModelError, build_model, check_shapes, check_state, load_state, weight_keys
 
 __all__ = ["dequantize_state", "int8_state", "load_quantized", "apply_backend", "pick_backend", "int4_state",
            "pack_int4", "unpack_int4", "quantize_int4", "dequantize_int4", "Int4Linear",
            "pick_int4_backend"]
 
 
-def _linear_weight_keys(model: nn.Module) -> set[str]:
-    return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
-
-
 def int8_state(model: nn.Module) -> dict[str, Tensor]:
     """Per-channel symmetric int8 of every Linear/Conv weight (``KEY.q`` int8, ``KEY.scale`` fp32)."""
-    keys = _linear_weight_keys(model)
+    keys = weight_keys(model)
     out: dict[str, Tensor] = {}
     for k, v in model.state_dict().items():
         if k in keys:

@@ -320,3 +320,16 @@ def test_meanflow_with_an_adversarial_weight_is_refused_naming_the_key() -> None
     with pytest.raises(ParamsError, match="distill.adversarial.weight: the adversarial term is for distill.method"):
         load_params(params, ["distill.method=meanflow", "distill.adversarial.weight=0.1"])
     load_params(params, ["distill.method=slimflow", "distill.adversarial.weight=0.1"])  # allowed
+
+
+def test_meanflow_needs_a_time_embedding_it_can_halve() -> None:
+    from pathlib import Path
+
+    from rectflow.config import ParamsError
+    from rectflow.params import load_params
+
+    params = Path(__file__).resolve().parents[1] / "params.yaml"
+    with pytest.raises(ParamsError, match=r"distill\.student\.time_embed: distill\.method 'meanflow' .* got 6"):
+        load_params(params, ["distill.method=meanflow", "distill.student={time_embed: 6}"])
+    with pytest.raises(ParamsError, match=r"model\.time_embed: .* got 62"):
+        load_params(params, ["distill.method=meanflow", "model.time_embed=62"])
