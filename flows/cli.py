@@ -202,8 +202,20 @@ def sample(
         "--mask", help="1 = observed, 0 = to fill: .npy (c, h, w), (h, w), (n, c, h, w), (n, h, w) or Parquet rows")] = None,
     strength: Annotated[Optional[float], typer.Option(
         min=0.0, help="steering step size η (with --inpaint; default rectflow.steer's)")] = None,
+    label: Annotated[Optional[int], typer.Option(
+        "--label", help="a conditional model: generate every sample of class K (0 … classes − 1)")] = None,
+    labels: Annotated[Optional[Path], typer.Option(
+        "--labels", help="a conditional model: one class per sample, from a .npy (n,) or a Parquet column y; "
+        "replaces --n")] = None,
+    guidance: Annotated[float, typer.Option(
+        "--guidance", help="classifier-free guidance scale w ≥ 0 of a conditional model: 0 unconditional, 1 "
+        "conditional (1 forward per step), other values 2 forwards per step")] = 1.0,
 ) -> None:
     """Generate N samples with a saved model and write them as Parquet (columns d0, d1, …).
+
+    A conditional model (``classes`` in its card) generates for ``--label K`` or ``--labels FILE``,
+    else for the classes in turn (sample i of class i mod K), guided at ``--guidance W``; the labels
+    are written as column ``y`` and NFE counts network forwards per sample.
 
     With ``--inpaint FILE --mask FILE``: complete those images where the mask is 0 instead
     (FlowChef steering, :mod:`rectflow.steer`; a flow takes --steps Euler steps, a one-step student
@@ -213,10 +225,16 @@ def sample(
              else "--mask FILE needs --inpaint FILE (the images to complete)")
     if strength is not None and inpaint is None:
         fail("--strength: only with --inpaint FILE --mask FILE")
+    if label is not None and labels is not None:
+        fail("--label and --labels: give one (a class for every sample, or a file of one class per sample)")
+    if not guidance >= 0 or guidance == float("inf"):
+        fail(f"--guidance: expected a finite scale w ≥ 0, got {guidance:g}")
     if inpaint is not None:
+        if label is not None or labels is not None or guidance != 1.0:
+            fail("--label, --labels and --guidance: not with --inpaint (inpainting is unconditional)")
         _guard(_inpaint, model, out, inpaint, mask, steps, solver, seed, schedule, strength)
     else:
-        _guard(_sample, model, out, n, steps, solver, seed, schedule)
+        _guard(_sample, model, out, n, steps, solver, seed, schedule, label, labels, guidance)
 
 
 def _check_out(out: Path, command: str = "sample") -> None:
@@ -244,7 +262,31 @@ def _load_sampler(model: str):  # type: ignore[no-untyped-def]
     return stem, net, card, dev
 
 
-def _sample(model: str, out: Path, n: int, steps: int, solver: str, seed: int, schedule: str = "uniform") -> None:
+def _sample_labels(model: str, card: dict, n: int, label: int | None, labels: Path | None):  # type: ignore[no-untyped-def]
+    """The labels ``(n,)`` of a conditional model's samples (None for an unconditional model), every
+    misuse one line (exit 2): a label for an unconditional model, a label outside [0, classes), a
+    labels file that is not one integer class per sample."""
+    import numpy as np
+
+    classes = int(card["arch"].get("classes", 0))
+    flag = "--label" if label is not None else "--labels"
+    if not classes:
+        if label is not None or labels is not None:
+            fail(f"{flag}: --model {model} is unconditional (trained without labels); drop {flag}")
+        return None
+    from rectflow.points import check_label_range, read_labels
+
+    if labels is not None:
+        y = read_labels(labels)
+    elif label is not None:
+        y = np.full(n, label, dtype=np.int64)
+    else:
+        y = np.arange(n, dtype=np.int64) % classes
+    return check_label_range(y, classes, f"{flag} (--model {model})")
+
+
+def _sample(model: str, out: Path, n: int, steps: int, solver: str, seed: int, schedule: str = "uniform",
+            label: int | None = None, labels: Path | None = None, guidance: float = 1.0) -> None:
     import numpy as np
     import torch
 
@@ -255,6 +297,14 @@ def _sample(model: str, out: Path, n: int, steps: int, solver: str, seed: int, s
     from rectflow.preflight import check_memory, sample_needs
 
     stem, net, card, dev = _load_sampler(model)
+    y = _sample_labels(model, card, n, label, labels)
+    if y is not None:
+        from rectflow.guidance import Guided
+
+        n = len(y)
+        net = Guided(net, y.to(dev), guidance)
+    elif guidance != 1.0:
+        fail(f"--guidance: --model {model} is unconditional (trained without labels); drop --guidance")
     check_memory(sample_needs(card["arch"], n, steps, solver), dev)  # ParamsError naming --n or --steps
     times = None
     if schedule == "bellman":  # models/NAME.schedule.json beside the weights; ModelError names it
@@ -279,9 +329,11 @@ def _sample(model: str, out: Path, n: int, steps: int, solver: str, seed: int, s
     meta = {"model": model, "shape": list(shape), "solver": solver, "schedule": grid, "nfe": sol.nfe, "seed": seed}
     if times is not None:
         meta["times"] = [float(t) for t in times.tolist()]
+    if y is not None:
+        meta["guidance"] = guidance
     from rectflow.points import write_points
 
-    write_points(out, x, {}, meta)
+    write_points(out, x, {} if y is None else {"y": y.numpy()}, meta)
     print(json.dumps({"out": str(out), "n": n, "shape": list(shape), "solver": solver, "schedule": grid, "nfe": sol.nfe}))
 
 
@@ -370,7 +422,16 @@ def _move(model: str, inp: Path, out: Path, direction: str, steps: int, solver: 
         from rectflow.schedule import schedule_times
 
         times = schedule_times(stem, steps, meta.get("sha256"))
-    y, nfe = run_points(net, x, direction, solver, None if solver == "rk45" else steps, times=times, batch_size=BATCH)
+    labels = None
+    if card["arch"].get("classes"):  # a conditional flow moves each point under its own label (column y)
+        if "y" not in carried:
+            raise ModelError(f"--in {inp}: --model {model} is conditional: {command} needs each point's class in a "
+                             "Parquet column y")
+        from rectflow.points import check_label_range
+
+        labels = check_label_range(carried["y"], int(card["arch"]["classes"]), f"--in {inp}: column y")
+    y, nfe = run_points(net, x, direction, solver, None if solver == "rk45" else steps, times=times, batch_size=BATCH,
+                        labels=labels)
     info = {"model": model, "command": command, "direction": direction, "solver": solver,
             "schedule": "adaptive" if solver == "rk45" else schedule, "nfe": nfe, "in": str(inp), "shape": list(shape)}
     write_points(out, y, carried, info)

@@ -450,6 +450,16 @@ def _artifact(root: Path, tracker, parent: str | None, executed: list[str], prom
         grid_line += f"\n\n![1-RF 1 step | last RF 1 step | distilled | 1-RF 100 steps](data:image/png;base64,{b64})"
     if grids:
         grid_line += "\n\nSample grids (MLflow artifacts plots/samples/): " + ", ".join(g.name for g in grids)
+    student_classes = plots / "classes" / "distilled-nfe1.png"
+    if student_classes.is_file():  # a conditional image run: the one-step student, one row per class
+        import base64
+
+        b64 = base64.b64encode(student_classes.read_bytes()).decode()
+        grid_line += f"\n\n![one-step student, one row per class](data:image/png;base64,{b64})"
+    acc = [r for r in rows if r.get("accuracy") is not None]
+    if acc:
+        grid_line += "\n\nLabel accuracy: " + ", ".join(
+            f"{r['model']} {r['solver']} NFE {r['nfe']} (w {r.get('guidance', 1):g}): {r['accuracy']:.3f}" for r in acc)
     resolved = root / "params.resolved.yaml"
     params_md = (f"\n\n## Params (params.resolved.yaml)\n\n```yaml\n{resolved.read_text()}```\n"
                  if resolved.is_file() else "")

@@ -306,7 +306,8 @@ def log_onestep(stem: Path, flow: Path | None, name: str | None = None):  # type
     artifacts = {"weights": str(stem.with_suffix(".safetensors")), "card": str(stem.with_suffix(".json"))}
     if flow is not None and flow.with_suffix(".safetensors").is_file():
         artifacts |= {"flow_weights": str(flow.with_suffix(".safetensors")), "flow_card": str(flow.with_suffix(".json"))}
-    params = ParamSchema([ParamSpec(k, "long" if isinstance(v, int) else "string", v) for k, v in PARAMS.items()])
+    kinds = {int: "long", float: "double", str: "string"}
+    params = ParamSchema([ParamSpec(k, kinds[type(v)], v) for k, v in PARAMS.items()])
     with warnings.catch_warnings():  # its input is an (n, *shape) array the card describes: no example needed
         warnings.filterwarnings("ignore", message=".*input example.*", category=UserWarning)
         return mlflow.pyfunc.log_model(

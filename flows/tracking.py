@@ -233,14 +233,16 @@ class Tracker:
                 tag = "-bellman" if r.get("schedule") == "bellman" else ""
                 key = f"{r['model']}/{r['solver']}{tag}/nfe{r['nfe']}"
                 ms = [Metric(f"eval/{key}/{m}", float(r[m]), now, int(r["nfe"]))
-                      for m in ("w2", "mmd", "transport_cost", "latency_ms", "latency_b1_ms", "fd") if r.get(m) is not None]
+                      for m in ("w2", "mmd", "transport_cost", "latency_ms", "latency_b1_ms", "fd", "accuracy")
+                      if r.get(m) is not None]
                 self.client.log_batch(run_id, metrics=ms)
             self.client.log_artifact(run_id, str(layout.metrics / "eval.json"), "metrics")
             for plot in sorted(layout.plots.glob("*")):
                 if plot.is_file():
                     self.client.log_artifact(run_id, str(plot), "plots")
-            if (layout.plots / "samples").is_dir():
-                self.client.log_artifacts(run_id, str(layout.plots / "samples"), "plots/samples")
+            for sub in ("samples", "classes"):  # sample grids; a conditional run's one-row-per-class grids
+                if (layout.plots / sub).is_dir():
+                    self.client.log_artifacts(run_id, str(layout.plots / sub), f"plots/{sub}")
 
     def log_summary(self, run_id: str, summary: dict[str, Any]) -> None:
         from mlflow.entities import Metric

@@ -20,7 +20,8 @@ from torch import Tensor
 
 from rectflow.io import atomic_write_bytes, require_file
 
-__all__ = ["grid_image", "hflip_batch", "load_image_folder", "save_grid_png", "side_by_side_png", "to_unit_range"]
+__all__ = ["class_folders", "grid_image", "hflip_batch", "image_folder_files", "load_image_folder",
+           "load_labelled_image_folder", "save_grid_png", "side_by_side_png", "to_unit_range"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _CHANNELS = {"1": 1, "L": 1, "RGB": 3}
@@ -34,15 +35,43 @@ def to_unit_range(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return ((np.asarray(arr, dtype=np.float64) - lo) * (2.0 / (hi - lo)) - 1.0).astype(np.float32)
 
 
-def _image_files(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        raise NotADirectoryError(f"load_image_folder: {folder} is not a directory")
+def _images_in(folder: Path) -> list[Path]:
+    """The image files directly in ``folder``, sorted by name (hidden files skipped)."""
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
     for p in files:  # an image name on a FIFO or a device is refused, not waited on nor skipped
         require_file(p, ValueError, f"{p}: missing")
+    return files
+
+
+def _image_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise NotADirectoryError(f"load_image_folder: {folder} is not a directory")
+    files = _images_in(folder)
     if not files:
         raise ValueError(f"load_image_folder: no {'/'.join(IMAGE_SUFFIXES)} files in {folder}")
     return files
+
+
+def class_folders(folder: Path) -> dict[str, list[Path]]:
+    """The class sub-folders of an image folder and their images: ``{name: sorted image files}`` for
+    each non-hidden sub-folder, in order of name, when the folder holds no image file directly (a
+    folder with images of its own is one unlabelled set, as ever), else {}. Every class sub-folder
+    must hold images (ValueError naming the first that holds none)."""
+    if not folder.is_dir() or _images_in(folder):
+        return {}
+    classes = {p.name: _images_in(p) for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".")}
+    empty = next((name for name, files in classes.items() if not files), None)
+    if empty is not None:
+        raise ValueError(f"{folder / empty}: no {'/'.join(IMAGE_SUFFIXES)} files; expected images in every class "
+                         f"sub-folder of {folder} (one sub-folder per class)")
+    return classes
+
+
+def image_folder_files(folder: Path) -> list[Path]:
+    """Every image of an image folder: its own images (sorted), or those of each class sub-folder
+    (:func:`class_folders`, in order, each sorted)."""
+    classes = class_folders(folder)
+    return [f for files in classes.values() for f in files] if classes else _image_files(folder)
 
 
 def _read_image(path: Path) -> np.ndarray:
@@ -74,7 +103,28 @@ def load_image_folder(path: str | os.PathLike[str]) -> np.ndarray:
     image must have the first one's size and channel count: the first file that differs raises
     ``ValueError`` naming it, its size/mode and the expected ones.
     """
-    files = _image_files(Path(path))
+    return _read_images(_image_files(Path(path)))
+
+
+def load_labelled_image_folder(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:
+    """An image folder with its labels: ``(x, y, names)``.
+
+    A folder with images of its own is :func:`load_image_folder` (``y``, ``names`` None). A folder of
+    class sub-folders (:func:`class_folders`) gives every sub-folder's images, in order, as float32
+    ``(n, c, h, w)``, ``y`` int64 ``(n,)`` the index of each image's sub-folder among the sorted
+    sub-folder names (0 … K−1), and ``names`` those K names. Every image must have the first one's
+    size and channel count, whichever sub-folder it is in. ValueError naming the file otherwise.
+    """
+    folder = Path(path)
+    classes = class_folders(folder)
+    if not classes:
+        return load_image_folder(folder), None, None
+    y = np.repeat(np.arange(len(classes), dtype=np.int64), [len(files) for files in classes.values()])
+    return _read_images([f for files in classes.values() for f in files]), y, list(classes)
+
+
+def _read_images(files: list[Path]) -> np.ndarray:
+    """``files`` (at least one) as float32 ``(n, c, h, w)`` in [−1, 1], each the first one's size and mode."""
     first = _read_image(files[0])
     out = np.empty((len(files), *first.shape), dtype=np.float32)
     out[0] = to_unit_range(first, 0, 255)

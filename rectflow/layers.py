@@ -7,7 +7,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["IntervalEmbedding", "SinusoidalEmbedding", "time_vector"]
+__all__ = [
+    "Conditioning", "IntervalEmbedding", "LabelEmbedding", "SinusoidalEmbedding", "label_vector", "time_vector",
+]
 
 
 def time_vector(t: Tensor | float, batch: int, ref: Tensor, who: str = "") -> Tensor:
@@ -66,3 +68,65 @@ def interval(t: Tensor, end: Tensor | float | None, batch: int, ref: Tensor, who
     t = time_vector(t, batch, ref, who)
     d = torch.zeros_like(t) if end is None else time_vector(end, batch, ref, who) - t
     return torch.stack([t, d], dim=1)
+
+
+def label_vector(y: Tensor | int | None, batch: int, classes: int, device: torch.device | str) -> Tensor:
+    """``y`` as a ``(B,)`` int64 tensor of indices into a :class:`LabelEmbedding` of ``classes``
+    classes: None is the null class (index ``classes``) for every row, a scalar is broadcast."""
+    if y is None:
+        return torch.full((batch,), classes, dtype=torch.long, device=device)
+    y = torch.as_tensor(y, device=device)
+    if y.is_floating_point() or y.dtype == torch.bool:
+        raise ValueError(f"y: expected integer class labels, got dtype {y.dtype}")
+    y = y.long()
+    if y.ndim == 0:
+        return y.expand(batch)
+    if y.shape != (batch,):
+        raise ValueError(f"y: expected a scalar or shape ({batch},), got {tuple(y.shape)}")
+    return y
+
+
+class LabelEmbedding(nn.Module):
+    """``(B,)`` labels in [0, K] (K: the null class ∅) -> ``(B, dim)`` learned vectors.
+
+    The null row starts at zero, so a freshly built conditional network's unconditional branch
+    is the unconditional network of the same weights."""
+
+    def __init__(self, classes: int, dim: int) -> None:
+        super().__init__()
+        if classes < 1:
+            raise ValueError(f"classes: must be ≥ 1, got {classes}")
+        self.classes = int(classes)
+        self.table = nn.Embedding(self.classes + 1, dim)
+        nn.init.normal_(self.table.weight, std=0.02)
+        with torch.no_grad():
+            self.table.weight[self.classes].zero_()
+
+    def forward(self, y: Tensor) -> Tensor:
+        return self.table(y)
+
+
+class Conditioning(nn.Module):
+    """What a conditional network adds to its time features: a learned embedding of the label
+    (``classes`` classes plus the null class ∅ at index ``classes``, :class:`rectflow.guidance.LabelEmbedding`)
+    and, with ``guidance_input``, a linear map of sinusoidal features of the guidance scale w
+    (guidance distillation: one network for every scale).
+
+    ``forward(y, w, batch, ref) -> (B, dim)``: ``y`` ``(B,)`` int or None (∅ for every row), ``w``
+    scalar or ``(B,)`` (None: 1, the plain conditional field) in ``ref``'s dtype and device."""
+
+    def __init__(self, classes: int, dim: int, guidance_input: bool = False) -> None:
+        super().__init__()
+        self.classes = int(classes)
+        self.label = LabelEmbedding(self.classes, dim)
+        self.scale = None
+        if guidance_input:
+            self.scale = nn.Sequential(SinusoidalEmbedding(dim, scale=1.0), nn.Linear(dim, dim))
+
+    def forward(self, y: Tensor | None, w: Tensor | float | None, batch: int, ref: Tensor) -> Tensor:
+        out = self.label(label_vector(y, batch, self.classes, ref.device)).to(ref.dtype)
+        if self.scale is not None:
+            out = out + self.scale(time_vector(1.0 if w is None else w, batch, ref)).to(ref.dtype)
+        elif w is not None:
+            raise ValueError("w: this network takes no guidance scale (guidance_input is off)")
+        return out

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from rectflow.errors import InputError
 from rectflow.io import atomic_write_bytes, atomic_write_json, file_sha256, require_file
-from rectflow.layers import IntervalEmbedding, SinusoidalEmbedding, interval, time_vector
+from rectflow.layers import Conditioning, IntervalEmbedding, SinusoidalEmbedding, interval, time_vector
 
 __all__ = ["MLPVelocity", "ModelError", "SinusoidalEmbedding", "build_model", "save_model"]
 
@@ -34,22 +34,30 @@ class MLPVelocity(nn.Module):
     ``average=True``: an average-velocity network u(x, t, end) (MeanFlow), ``[x, emb(t),
     emb(end − t)]`` in; ``end=None`` is end = t, the instantaneous velocity, so it serves every
     solver, and Euler steps it from grid point to grid point (:mod:`rectflow.solvers`).
+
+    ``classes=K > 0``: a conditional network v(x, t, y), ``y`` ``(B,)`` in [0, K] (K, or ``y=None``:
+    the null class ∅), whose label embedding is added to the time features; ``guidance_input``:
+    the guidance scale ``w`` ``(B,)`` or scalar is embedded and added too (:mod:`rectflow.guidance`).
+    ``classes=0`` builds exactly the unconditional network (same parameters, same weights).
     """
 
     def __init__(self, shape: tuple[int, ...], hidden: int = 256, depth: int = 3, time_embed: int = 64,
-                 average: bool = False) -> None:
+                 average: bool = False, classes: int = 0, guidance_input: bool = False) -> None:
         super().__init__()
         self.shape = tuple(shape)
         self.average_velocity = average
         dim = math.prod(self.shape)
         self.temb = IntervalEmbedding(time_embed) if average else SinusoidalEmbedding(time_embed)
+        self.cond = Conditioning(classes, time_embed, guidance_input) if classes else None
+        self.classes, self.guidance_input = int(classes), bool(guidance_input and classes)
         layers: list[nn.Module] = [nn.Linear(dim + time_embed, hidden), nn.SiLU()]
         for _ in range(depth - 1):
             layers += [nn.Linear(hidden, hidden), nn.SiLU()]
         layers.append(nn.Linear(hidden, dim))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, x: Tensor, t: Tensor | float, end: Tensor | float | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor | float, end: Tensor | float | None = None, *,
+                y: Tensor | None = None, w: Tensor | float | None = None) -> Tensor:
         if tuple(x.shape[1:]) != self.shape:
             raise ValueError(f"x: expected shape (B, {', '.join(map(str, self.shape))}), got {tuple(x.shape)}")
         b = x.shape[0]
@@ -59,7 +67,12 @@ class MLPVelocity(nn.Module):
             raise ValueError("end: this network is a velocity v(x, t), not an average velocity u(x, t, end)")
         else:
             tt = time_vector(t, b, x)
-        h = torch.cat([x.reshape(b, -1), self.temb(tt)], dim=1)
+        emb = self.temb(tt)
+        if self.cond is not None:
+            emb = emb + self.cond(y, w, b, emb)
+        elif y is not None or w is not None:
+            raise ValueError("y: this network is unconditional (no classes); it takes no labels")
+        h = torch.cat([x.reshape(b, -1), emb], dim=1)
         return self.net(h).reshape(x.shape)
 
 
@@ -68,7 +81,8 @@ def build_model(arch: dict[str, Any]) -> nn.Module:
     kind = arch.get("kind")
     shape = tuple(arch["shape"])
     if kind == "mlp":
-        return MLPVelocity(shape, arch["hidden"], arch["depth"], arch["time_embed"], bool(arch.get("average", False)))
+        return MLPVelocity(shape, arch["hidden"], arch["depth"], arch["time_embed"], bool(arch.get("average", False)),
+                           int(arch.get("classes", 0)), bool(arch.get("guidance_input", False)))
     if kind == "unet":
         from rectflow.unet import UNetVelocity
 
@@ -82,13 +96,16 @@ def build_model(arch: dict[str, Any]) -> nn.Module:
             time_embed=arch["time_embed"],
             dropout=arch.get("dropout", 0.0),
             average=bool(arch.get("average", False)),
+            classes=int(arch.get("classes", 0)),
+            guidance_input=bool(arch.get("guidance_input", False)),
         )
     raise ModelError(f"unknown model kind {kind!r}; expected 'mlp' or 'unet'")
 
 
-def arch_from_params(model_params: Any, shape: tuple[int, ...], key: str = "model") -> dict[str, Any]:
+def arch_from_params(model_params: Any, shape: tuple[int, ...], key: str = "model", classes: int = 0) -> dict[str, Any]:
     """The architecture record for data of ``shape`` under ``params.model`` (or the section at
-    ``key``, e.g. ``distill.student``: named in the error)."""
+    ``key``, e.g. ``distill.student``: named in the error); ``classes`` > 0: a conditional network
+    (the key is absent for an unconditional one, whose record is unchanged)."""
     kind = model_params.kind
     if kind == "auto":
         kind = "unet" if len(shape) == 3 else "mlp"
@@ -104,6 +121,8 @@ def arch_from_params(model_params: Any, shape: tuple[int, ...], key: str = "mode
             "attention": model_params.attention,
             "dropout": model_params.dropout,
         }
+    if classes:
+        arch["classes"] = int(classes)
     return arch
 
 

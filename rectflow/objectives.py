@@ -54,9 +54,16 @@ class StepContext:
 
 
 class Objective(Protocol):
-    def __call__(self, net: nn.Module, x0: Tensor, x1: Tensor, step: int, ctx: StepContext) -> tuple[Tensor, Tensor]:
-        """``(reported, total)`` scalars for the pairs ``x0, x1`` ``(B, *shape)`` at ``step``."""
+    def __call__(self, net: nn.Module, x0: Tensor, x1: Tensor, step: int, ctx: StepContext,
+                 y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(reported, total)`` scalars for the pairs ``x0, x1`` ``(B, *shape)`` at ``step``;
+        ``y`` ``(B,)``: the pairs' class labels for a conditional network (None: unconditional)."""
         ...
+
+
+def _labels(y: Tensor | None) -> dict[str, Tensor]:
+    """The keyword a conditional network's call takes (none at all for an unconditional one)."""
+    return {} if y is None else {"y": y}
 
 
 def _bcast(t: Tensor, like: Tensor) -> Tensor:
@@ -89,11 +96,12 @@ class RectifiedFlowLoss:
         self.time_dist, self.k, self.adversary = time_dist, k, adversary
         self.distance = _Distance(loss, huber_c)
 
-    def __call__(self, net: nn.Module, x0: Tensor, x1: Tensor, step: int, ctx: StepContext) -> tuple[Tensor, Tensor]:
+    def __call__(self, net: nn.Module, x0: Tensor, x1: Tensor, step: int, ctx: StepContext,
+                 y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         t = sample_time(self.time_dist, x0.shape[0], ctx.gen, ctx.device, k=self.k)
         xt = interpolate(x0, x1, t)
         with ctx.autocast:
-            pred = net(xt, t)
+            pred = net(xt, t, **_labels(y))
         pred = pred.float()
         loss = self.distance(pred, x1 - x0)
         if self.adversary is None:
@@ -171,15 +179,17 @@ class SlimFlowLoss:
             q.requires_grad_(False)
         self.teacher.eval()
 
-    def __call__(self, net: nn.Module, x0: Tensor, x1: Tensor, step: int, ctx: StepContext) -> tuple[Tensor, Tensor]:
+    def __call__(self, net: nn.Module, x0: Tensor, x1: Tensor, step: int, ctx: StepContext,
+                 y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         b = x0.shape[0]
+        cond = _labels(y)
         if step < self.reflow_steps:
             beta = anneal_beta(step, self.anneal_steps, self.schedule)
             eps = self.draw(b, ctx.gen).to(ctx.device, x0.dtype).reshape(x0.shape)
             z0 = perturb_source(x0, eps, beta)
             t = sample_time(self.reflow_time_dist, b, ctx.gen, ctx.device)
             with ctx.autocast:
-                pred = net(interpolate(z0, x1, t), t)
+                pred = net(interpolate(z0, x1, t), t, **cond)
             loss = self.distance(pred, x1 - z0)
             return loss, loss
         t = sample_time("discrete", b, ctx.gen, ctx.device, k=self.k)
@@ -188,7 +198,7 @@ class SlimFlowLoss:
         zero = torch.zeros_like(t)
         xt0 = interpolate(x0, x1, t)
         with ctx.autocast:  # the regression's and the guide's student forwards in one batch
-            out = net(torch.cat([xt0, eps]), torch.cat([t, zero])).float()
+            out = net(torch.cat([xt0, eps]), torch.cat([t, zero]), **_labels(None if y is None else torch.cat([y, y]))).float()
         pred, v_eps = out[:b], out[b:]
         loss = self.distance(pred, x1 - x0)
         total = loss
@@ -200,7 +210,7 @@ class SlimFlowLoss:
         with torch.no_grad():
             xt = eps + _bcast(tg, eps) * v_eps.detach()
             with ctx.autocast:
-                vt = self.teacher(xt, tg).float()
+                vt = self.teacher(xt, tg, **cond).float()
             x_hat = xt + _bcast(1 - tg, xt) * vt
         return loss, total + self.guide_weight * self.distance(v_eps, x_hat - eps)
 
@@ -248,7 +258,9 @@ class MeanFlowLoss:
         s = torch.minimum(a, b)
         return s, torch.where(keep, torch.maximum(a, b), s)
 
-    def __call__(self, net: nn.Module, x0: Tensor, x1: Tensor, step: int, ctx: StepContext) -> tuple[Tensor, Tensor]:
+    def __call__(self, net: nn.Module, x0: Tensor, x1: Tensor, step: int, ctx: StepContext,
+                 y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        cond = _labels(y)
         s, e = self.times(x0.shape[0], ctx.gen, ctx.device)
         z = interpolate(x0, x1, s)
         v = (x1 - x0).to(z.dtype)
@@ -257,10 +269,10 @@ class MeanFlowLoss:
         inner = getattr(net, "module", None)  # DDP: its forward cannot run inside a functorch transform
         if isinstance(inner, nn.Module):
             with torch.no_grad():  # the (stop-gradient) target from the module itself, u from DDP's forward
-                _, target = meanflow_target(lambda z_, s_, e_: inner(z_, s_, e_), z, s, e, v)
-            u = net(z, s, e)
+                _, target = meanflow_target(lambda z_, s_, e_: inner(z_, s_, e_, **cond), z, s, e, v)
+            u = net(z, s, e, **cond)
         else:
-            u, target = meanflow_target(lambda z_, s_, e_: net(z_, s_, e_), z, s, e, v)
+            u, target = meanflow_target(lambda z_, s_, e_: net(z_, s_, e_, **cond), z, s, e, v)
         if self.norm_p <= 0:
             loss = self.distance(u, target)
             return loss, loss

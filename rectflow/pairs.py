@@ -61,9 +61,10 @@ def _fixed_list(x: np.ndarray) -> pa.FixedSizeListArray:
 
 def write_shard(
     directory: Path, index: int, z0: np.ndarray, z1: np.ndarray,
-    *, before_publish: Callable[[dict[str, Any]], None] | None = None,
+    *, before_publish: Callable[[dict[str, Any]], None] | None = None, y: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Write ``z0, z1`` ``(rows, *shape)`` as shard ``index`` atomically; return its manifest entry.
+    ``y`` ``(rows,)``: the pairs' class labels (a conditional run), written as an int64 column ``y``.
 
     The shard is written under a temporary name and renamed into place. ``before_publish(entry)``
     runs after the temporary file is complete and hashed but before the rename, so a caller can
@@ -72,7 +73,12 @@ def write_shard(
     """
     if z0.shape != z1.shape:
         raise ValueError(f"shard {index}: z0 {z0.shape} and z1 {z1.shape} differ")
-    table = pa.table({"z0": _fixed_list(z0), "z1": _fixed_list(z1)})
+    columns = {"z0": _fixed_list(z0), "z1": _fixed_list(z1)}
+    if y is not None:
+        if y.shape != (len(z0),):
+            raise ValueError(f"shard {index}: y {y.shape} does not label its {len(z0)} rows")
+        columns["y"] = pa.array(np.ascontiguousarray(y, dtype=np.int64))
+    table = pa.table(columns)
     path = Path(directory) / shard_name(index)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd", row_group_size=min(len(z0), 65536))
@@ -82,23 +88,42 @@ def write_shard(
     return entry
 
 
-def _decode(data: bytes, shape: tuple[int, ...], where: str) -> tuple[np.ndarray, np.ndarray]:
+def _decode(data: bytes, shape: tuple[int, ...], where: str, labels: bool = False) -> tuple[np.ndarray, ...]:
+    """``(z0, z1)`` ``(rows, *shape)`` float32 of a shard's bytes, and with ``labels`` its ``y`` ``(rows,)`` int64."""
     try:
-        table = pq.read_table(io.BytesIO(data), columns=["z0", "z1"])
+        table = pq.read_table(io.BytesIO(data), columns=["z0", "z1", "y"] if labels else ["z0", "z1"])
     except Exception as e:
+        if labels and "y" not in _schema_names(data):
+            raise ManifestError(f"{where}: has no label column 'y', but its manifest says the round is labelled "
+                                "(rerun the couple stage to remake the round)") from None
         raise ManifestError(f"{where}: not a readable pair shard ({e.__class__.__name__})") from None
-    _check_columns(table.schema, shape, where)
+    _check_columns(table.schema, shape, where, labels)
     out = []
     for col in ("z0", "z1"):
         arr = table.column(col).combine_chunks()
         flat = arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
         out.append(flat.reshape(len(table), *shape))
-    return out[0], out[1]
+    if labels:
+        out.append(table.column("y").to_numpy().astype(np.int64, copy=False))
+    return tuple(out)
 
 
-def _check_columns(schema: pa.Schema, shape: tuple[int, ...], where: str) -> None:
-    """Both columns are fixed-size lists of floats as long as the manifest's shape says; else a
-    ManifestError naming the shard and both dimensions."""
+def _schema_names(data: bytes) -> list[str]:
+    try:
+        return list(pq.read_schema(io.BytesIO(data)).names)
+    except Exception:
+        return []
+
+
+def _check_columns(schema: pa.Schema, shape: tuple[int, ...], where: str, labels: bool = False) -> None:
+    """Both columns are fixed-size lists of floats as long as the manifest's shape says (and, for a
+    labelled round, ``y`` is an integer column); else a ManifestError naming the shard and both dimensions."""
+    if labels:
+        if "y" not in schema.names:
+            raise ManifestError(f"{where}: has no label column 'y', but its manifest says the round is labelled "
+                                "(rerun the couple stage to remake the round)")
+        if not pa.types.is_integer(schema.field("y").type):
+            raise ManifestError(f"{where}: column 'y' is {schema.field('y').type}, expected integer class labels")
     dim = int(np.prod(shape))
     for col in ("z0", "z1"):
         if col not in schema.names:
@@ -112,15 +137,16 @@ def _check_columns(schema: pa.Schema, shape: tuple[int, ...], where: str) -> Non
                                 "(rerun the couple stage to remake the round)")
 
 
-def check_shard_file(path: Path, entry: dict[str, Any], shape: tuple[int, ...]) -> None:
-    """A shard's Parquet footer (no data read) agrees with its manifest entry and the round's shape."""
+def check_shard_file(path: Path, entry: dict[str, Any], shape: tuple[int, ...], labels: bool = False) -> None:
+    """A shard's Parquet footer (no data read) agrees with its manifest entry and the round's shape
+    (and has its label column, for a labelled round)."""
     require_file(path, ManifestError, f"{path}: listed in the manifest but missing")
     try:
         meta = pq.read_metadata(path)
         schema = meta.schema.to_arrow_schema()
     except Exception as e:
         raise ManifestError(f"{path}: not a readable pair shard ({e.__class__.__name__})") from None
-    _check_columns(schema, shape, str(path))
+    _check_columns(schema, shape, str(path), labels)
     if meta.num_rows != entry["rows"]:
         raise ManifestError(f"{path}: {meta.num_rows} rows, the manifest says {entry['rows']}")
 
@@ -187,18 +213,20 @@ def _check_totals(man: dict[str, Any], path: str) -> None:
                                 f"({len(expected)} shard(s), shard-00000 … {shard_name(len(expected) - 1)}); {fix}")
 
 
-def read_shard(round_dir: Path, entry: dict[str, Any], shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """Read one shard, verifying its sha256 against the manifest entry first."""
+def read_shard(round_dir: Path, entry: dict[str, Any], shape: tuple[int, ...],
+               labels: bool = False) -> tuple[np.ndarray, ...]:
+    """Read one shard, verifying its sha256 against the manifest entry first: ``(z0, z1)``, and
+    ``y`` too with ``labels``."""
     path = Path(round_dir) / entry["name"]
     require_file(path, ManifestError, f"{path}: listed in the manifest but missing")
-    return decode_shard(path.read_bytes(), entry, shape, str(path))
+    return decode_shard(path.read_bytes(), entry, shape, str(path), labels)
 
 
 def decode_shard(
-    data: bytes, entry: dict[str, Any], shape: tuple[int, ...], where: str
-) -> tuple[np.ndarray, np.ndarray]:
+    data: bytes, entry: dict[str, Any], shape: tuple[int, ...], where: str, labels: bool = False,
+) -> tuple[np.ndarray, ...]:
     """A shard's bytes (read from a file or an object store), verified against its manifest entry
-    (sha256, then rows) and decoded; ``where`` names it in errors."""
+    (sha256, then rows) and decoded; ``where`` names it in errors. ``(z0, z1[, y])``."""
     path = where
     digest = hashlib.sha256(data).hexdigest()
     if digest != entry["sha256"]:
@@ -206,10 +234,10 @@ def decode_shard(
             f"{path}: sha256 {digest[:12]}… does not match the manifest's {entry['sha256'][:12]}…; "
             "the shard is corrupt (rerun the couple stage to regenerate it)"
         )
-    z0, z1 = _decode(data, shape, str(path))
-    if len(z0) != entry["rows"]:
-        raise ManifestError(f"{path}: {len(z0)} rows, the manifest says {entry['rows']}")
-    return z0, z1
+    cols = _decode(data, shape, str(path), labels)
+    if len(cols[0]) != entry["rows"]:
+        raise ManifestError(f"{path}: {len(cols[0])} rows, the manifest says {entry['rows']}")
+    return cols
 
 
 def verify_round(round_dir: Path) -> dict[str, Any]:
@@ -279,6 +307,7 @@ class PairStream:
             self.man = _store_manifest(store, self.dir)
         self.shape = tuple(self.man["shape"])
         self.shards = self.man["shards"]
+        self.labelled = bool(self.man.get("labels"))  # a conditional round: batches are (z0, z1, y)
         if not self.shards:
             raise ManifestError(f"{self._where(MANIFEST)}: lists no shards")
         if store is None:
@@ -287,7 +316,7 @@ class PairStream:
                 require_file(p, ManifestError, f"{p}: listed in the manifest but missing")
                 if p.stat().st_size != e.get("bytes", p.stat().st_size):
                     raise ManifestError(f"{p}: missing or of the wrong size for its manifest")
-                check_shard_file(p, e, self.shape)  # rows and dimension, from the footer, before training
+                check_shard_file(p, e, self.shape, self.labelled)  # rows, dimension, labels: from the footer
         else:
             present = set(store.list(f"{self.dir}/"))
             for e in self.shards:
@@ -298,7 +327,7 @@ class PairStream:
         self.rank, self.world = rank, world
         self.seed, self.device, self.buffer_shards = seed, torch.device(device), max(1, buffer_shards)
         self.epoch, self.cursor, self.row = 0, 0, 0
-        self._buf: tuple[Tensor, Tensor] | None = None
+        self._buf: tuple[Tensor, ...] | None = None
 
     @property
     def n_pairs(self) -> int:
@@ -307,57 +336,56 @@ class PairStream:
     def _order(self) -> np.ndarray:
         return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))
 
-    def _load(self) -> tuple[Tensor, Tensor]:
+    def _load(self) -> tuple[Tensor, ...]:
         order = self._order()
         picks = order[self.cursor : self.cursor + self.buffer_shards]
         parts = [self._read(self.shards[i]) for i in picks]
-        z0 = np.concatenate([p[0] for p in parts])
-        z1 = np.concatenate([p[1] for p in parts])
-        perm = np.random.default_rng([self.seed, self.epoch, self.cursor]).permutation(len(z0))
-        return torch.from_numpy(z0[perm]).to(self.device), torch.from_numpy(z1[perm]).to(self.device)
+        cols = [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
+        perm = np.random.default_rng([self.seed, self.epoch, self.cursor]).permutation(len(cols[0]))
+        return tuple(torch.from_numpy(c[perm]).to(self.device) for c in cols)
 
     def _where(self, name: str) -> str:
         if self.store is None:
             return str(Path(self.dir) / name)
         return self.store.url(f"{self.dir}/{name}")
 
-    def _read(self, entry: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    def _read(self, entry: dict[str, Any]) -> tuple[np.ndarray, ...]:
         if self.store is None:
-            return read_shard(Path(self.dir), entry, self.shape)
+            return read_shard(Path(self.dir), entry, self.shape, self.labelled)
         from rectflow.storage import ObjectNotFoundError
 
         try:
             data = self.store.read_bytes(f"{self.dir}/{entry['name']}")
         except ObjectNotFoundError:
             raise ManifestError(f"{self._where(entry['name'])}: listed in the manifest but missing") from None
-        return decode_shard(data, entry, self.shape, self._where(entry["name"]))
+        return decode_shard(data, entry, self.shape, self._where(entry["name"]), self.labelled)
 
-    def next_batch(self, batch_size: int) -> tuple[Tensor, Tensor]:
+    def next_batch(self, batch_size: int) -> tuple[Tensor, ...]:
+        """``(z0, z1)`` ``(batch_size, *shape)``, with ``y`` ``(batch_size,)`` for a labelled round."""
         if self.world == 1:
             return self._take(batch_size)
-        x0, x1 = self._take(batch_size * self.world)
         mine = slice(self.rank * batch_size, (self.rank + 1) * batch_size)
-        return x0[mine], x1[mine]
+        return tuple(c[mine] for c in self._take(batch_size * self.world))
 
-    def _take(self, batch_size: int) -> tuple[Tensor, Tensor]:
-        x0s, x1s, need = [], [], batch_size
+    def _take(self, batch_size: int) -> tuple[Tensor, ...]:
+        pieces: list[tuple[Tensor, ...]] = []
+        need = batch_size
         while need > 0:
             if self._buf is None:
                 self._buf = self._load()
-            b0, b1 = self._buf
-            take = min(need, len(b0) - self.row)
-            x0s.append(b0[self.row : self.row + take])
-            x1s.append(b1[self.row : self.row + take])
+            n = len(self._buf[0])
+            take = min(need, n - self.row)
+            pieces.append(tuple(c[self.row : self.row + take] for c in self._buf))
             self.row += take
             need -= take
-            if self.row >= len(b0):
+            if self.row >= n:
                 self._buf, self.row = None, 0
                 self.cursor += self.buffer_shards
                 if self.cursor >= len(self.shards):
                     self.epoch, self.cursor = self.epoch + 1, 0
-        if len(x0s) == 1:
-            return x0s[0], x1s[0]
-        return torch.cat(x0s), torch.cat(x1s)
+        if len(pieces) == 1:
+            return pieces[0]
+        return tuple(torch.cat(cols) for cols in zip(*pieces))
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "cursor": self.cursor, "row": self.row}

@@ -102,14 +102,18 @@ def read_points(path: Path, shape: tuple[int, ...], flag: str = "--in") -> tuple
 @torch.inference_mode()
 def run_points(
     net: nn.Module, x: Tensor, direction: Direction, solver: str, steps: int | None, *,
-    times: Tensor | None = None, batch_size: int = 8192,
+    times: Tensor | None = None, batch_size: int = 8192, labels: Tensor | None = None,
 ) -> tuple[Tensor, int]:
     """``x`` ``(n, *shape)`` carried along the flow ``net`` (forward t: 0 → 1, backward 1 → 0) in
-    batches; returns (the result on the CPU, NFE per sample). RunFailedError if it came out NaN."""
+    batches; returns (the result on the CPU, NFE per sample). RunFailedError if it came out NaN.
+    ``labels`` ``(n,)``: a conditional flow's class of each point (its conditional field, w = 1)."""
+    from rectflow.guidance import Guided
+
     out, nfe = [], 0
     dev = next(net.parameters()).device
     for b in range(0, len(x), batch_size):
-        sol: Solution = solve(net, x[b:b + batch_size].to(dev), solver, steps, times=times,
+        v = net if labels is None else Guided(net, labels[b:b + batch_size].to(dev), 1.0)
+        sol: Solution = solve(v, x[b:b + batch_size].to(dev), solver, steps, times=times,
                               reverse=direction == "backward")
         out.append(sol.x.float().cpu())
         nfe = max(nfe, sol.nfe)
@@ -132,3 +136,46 @@ def write_points(out: Path, x: Tensor | np.ndarray, carried: dict[str, np.ndarra
     table = pa.table(cols).replace_schema_metadata({"rectflow": json.dumps(meta)})
     with atomic_path(out) as tmp:
         pq.write_table(table, tmp)
+
+
+def read_labels(path: Path, flag: str = "--labels") -> np.ndarray:
+    """One integer class per sample from ``path``: a ``.npy`` array ``(n,)`` or a Parquet column
+    ``y``; ``(n,)`` int64. DataError (one line naming ``flag`` and the file) for a missing file,
+    another format, NaN, nulls, floats or strings (the range is the model's to check)."""
+    where = f"{flag} {path}"
+    if not path.is_file():
+        raise DataError(f"{where}: no such file")
+    if path.suffix == ".npy":
+        try:
+            y = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{where}: not a readable .npy array ({' '.join(str(e).split())[:120]})") from None
+    elif path.suffix in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as e:
+            raise DataError(f"{where}: not a readable Parquet file ({e.__class__.__name__})") from None
+        if "y" not in table.column_names:
+            raise DataError(f"{where}: expected a column y of class labels, found {', '.join(table.column_names[:5])}")
+        col = table.column("y")
+        if col.null_count:
+            raise DataError(f"{where}: column y has {col.null_count} null value(s); expected one class per row")
+        y = col.to_numpy(zero_copy_only=False)
+    else:
+        raise DataError(f"{where}: expected a .npy or .parquet file, got {path.suffix or 'no suffix'}")
+    if y.ndim != 1 or len(y) == 0 or y.dtype.kind not in "iu":
+        raise DataError(f"{where}: expected a non-empty 1-D array of integer class labels, got {y.dtype} "
+                        f"{tuple(y.shape)}")
+    return y.astype(np.int64)
+
+
+def check_label_range(y: np.ndarray, classes: int, where: str) -> Tensor:
+    """``y`` as int64 ``(n,)`` if it holds integer labels in [0, ``classes``), else DataError naming ``where``."""
+    if y.ndim != 1 or y.dtype.kind not in "iu":
+        raise DataError(f"{where}: expected integer class labels, got {y.dtype}")
+    bad = (y < 0) | (y >= classes)
+    if bad.any():
+        raise DataError(f"{where}: labels must lie in [0, {classes}), got {int(y[bad][0])} at row {int(np.argmax(bad))}")
+    return torch.from_numpy(y.astype(np.int64))

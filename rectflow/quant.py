@@ -161,12 +161,16 @@ class _BF16(nn.Module):
         super().__init__()
         self.inner = inner
         self.average_velocity = bool(getattr(inner, "average_velocity", False))  # MeanFlow: u(x, t, end)
+        self.classes = int(getattr(inner, "classes", 0))  # a conditional model: labels pass through
+        self.guidance_input = bool(getattr(inner, "guidance_input", False))
 
-    def forward(self, x: Tensor, t: Tensor, end: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, end: Tensor | None = None, **cond: Any) -> Tensor:
         b = torch.bfloat16
+        if "w" in cond and cond["w"] is not None:
+            cond["w"] = torch.as_tensor(cond["w"]).to(b)
         if end is None:
-            return self.inner(x.to(b), t.to(b)).to(x.dtype)
-        return self.inner(x.to(b), t.to(b), torch.as_tensor(end).to(b)).to(x.dtype)
+            return self.inner(x.to(b), t.to(b), **cond).to(x.dtype)
+        return self.inner(x.to(b), t.to(b), torch.as_tensor(end).to(b), **cond).to(x.dtype)
 
 
 # ---- int4: group-wise weight-only, activation-aware (AWQ) ----------------------------------------
@@ -231,6 +235,14 @@ def _awq_candidates(w: Tensor, mean_abs: Tensor, group: int, grid: int):  # type
         yield alpha, s, dequantize_int4(q, sc, off, w.shape[1]) / cols  # (x / s) Q(W s)ᵀ = x (Q(W s) / s)ᵀ
 
 
+def call_with(model: nn.Module, calib: tuple[Any, ...]) -> Tensor:
+    """``model(*calib)``; a last element that is a dict holds keyword inputs (a conditional
+    model's labels ``y``)."""
+    if calib and isinstance(calib[-1], dict):
+        return model(*calib[:-1], **calib[-1])
+    return model(*calib)
+
+
 def _input_magnitudes(model: nn.Module, calib: tuple[Tensor, ...]) -> dict[str, Tensor]:
     """mean |input| per input channel of every Linear and Conv2d of ``model`` on the calibration
     batch ``(x, t[, end])``, in the order the forward pass reaches them."""
@@ -246,7 +258,7 @@ def _input_magnitudes(model: nn.Module, calib: tuple[Tensor, ...]) -> dict[str, 
              for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     try:
         with torch.no_grad():
-            model(*calib)
+            call_with(model, calib)
     finally:
         for h in hooks:
             h.remove()
@@ -259,7 +271,7 @@ def int4_state(model: nn.Module, group: int, calib: tuple[Tensor, ...] | None,
     ``KEY.offset4`` float16; a convolution flattened to ``(out, in · kh · kw)``).
 
     With a calibration batch ``calib`` = ``(x, t)`` (``(x, t, end)`` for an average-velocity
-    network) every such layer gets AWQ's activation-aware
+    network; a conditional network's labels in a last ``{"y": y}``) every such layer gets AWQ's activation-aware
     input-channel scales ``s = mean|x|^α`` (``KEY.act`` = s, float32: the layer computes
     ``(x / s) ∗ Q(W · s)``), α searched on ``grid`` points of [0, 1] against the *model's output*:
     layer by layer in forward order, earlier layers already quantized, the α with the least mean
@@ -280,7 +292,7 @@ def int4_state(model: nn.Module, group: int, calib: tuple[Tensor, ...] | None,
         mods = dict(work.named_modules())
         magnitudes = _input_magnitudes(model, calib)
         with torch.no_grad():
-            ref = model(*calib).float()
+            ref = call_with(model, calib).float()
             norm = ref.pow(2).mean().clamp_min(1e-30).item()
             for name, mean_abs in magnitudes.items():
                 key, layer = f"{name}.weight", mods[name]
@@ -288,7 +300,7 @@ def int4_state(model: nn.Module, group: int, calib: tuple[Tensor, ...] | None,
                 best: tuple[float, float, Tensor, Tensor] | None = None
                 for alpha, s, wq in _awq_candidates(w, mean_abs.clamp_min(1e-8), group, grid):
                     layer.weight.copy_(wq.view_as(layer.weight))
-                    err = (work(*calib).float() - ref).pow(2).mean().item()
+                    err = (call_with(work, calib).float() - ref).pow(2).mean().item()
                     if best is None or err < best[0]:
                         best = (err, alpha, s, wq)
                 assert best is not None

@@ -1,7 +1,8 @@
 """ODE samplers for dz/dt = v(z, t), integrated from t = 0 (source) to t = 1 (target), or backwards.
 
 Every sampler returns a :class:`Solution` with the samples and the number of velocity evaluations
-it actually made (NFE), counted at the call site, never assumed. Fixed-step samplers take either a
+it actually made (NFE), counted at the call site, never assumed, in forwards of the network per
+sample (a guided velocity that runs both branches counts two per evaluation). Fixed-step samplers take either a
 step count (uniform grid) or an explicit time grid (e.g. a BOSS schedule). A grid may decrease:
 ``reverse=True`` (or a decreasing ``times``) integrates t: 1 → 0, which inverts the flow (x1 → x0,
 :func:`invert`); every formula below holds with a negative step h. The midpoint step is
@@ -51,7 +52,9 @@ class Solution:
 
 
 class _Counted:
-    """Wraps a velocity so that every evaluation is counted (host-side integer, no sync).
+    """Wraps a velocity so that every evaluation is counted (host-side integer, no sync), in
+    forwards of the network per sample: a velocity with a ``forwards`` attribute (classifier-free
+    guidance, :class:`rectflow.guidance.Guided`: 2 when both branches run) counts that many.
 
     ``average``: ``v`` is an average-velocity network u(z, t, end) (MeanFlow, its
     ``average_velocity`` attribute true), called with ``end`` on forward Euler steps."""
@@ -59,9 +62,10 @@ class _Counted:
     def __init__(self, v: Velocity) -> None:
         self.v, self.n = v, 0
         self.average = bool(getattr(v, "average_velocity", False))
+        self.forwards = int(getattr(v, "forwards", 1))
 
     def __call__(self, z: Tensor, t: Tensor, end: Tensor | None = None) -> Tensor:
-        self.n += 1
+        self.n += self.forwards
         return self.v(z, t) if end is None else self.v(z, t, end)  # type: ignore[call-arg]
 
 
@@ -159,7 +163,7 @@ def solve(
         times = uniform_grid(steps, z0.device, reverse)
     times = _check_grid(times)
     z, traj = _fixed(solver, counted, z0, times, trajectory)
-    expected = _NFE_PER_STEP[solver] * (len(times) - 1)
+    expected = _NFE_PER_STEP[solver] * (len(times) - 1) * counted.forwards
     assert counted.n == expected, (counted.n, expected)
     return Solution(z, counted.n, torch.stack(traj) if traj is not None else None, times if trajectory else None)
 

@@ -45,15 +45,26 @@ class IndependentPairs:
         # minibatch_ot each rank pairs its own share of the batch.
         self.gen = torch.Generator().manual_seed(seed * 1000 + 5 + 7919 * rank)
 
-    def next_batch(self, batch_size: int) -> tuple[Tensor, Tensor]:
-        x0 = self.source.sample(batch_size, self.gen).reshape(batch_size, *self.target.shape)
-        x1 = self.target.sample(batch_size, self.gen)
+    def next_batch(self, batch_size: int) -> tuple[Tensor, ...]:
+        """``(x0, x1)`` ``(B, *shape)``; a labelled target (a conditional run) adds ``y`` ``(B,)``:
+        X1 drawn with its label, X0 from the source's rows of that class when the source is
+        labelled too (class-conditional transport), else from π0 as always."""
+        if not self.target.labelled:
+            x0 = self.source.sample(batch_size, self.gen).reshape(batch_size, *self.target.shape)
+            x1 = self.target.sample(batch_size, self.gen)
+            y = None
+        else:
+            x1, y = self.target.sample_labelled(batch_size, self.gen)
+            x0 = self.source.sample_of(y, self.gen).reshape(batch_size, *self.target.shape)
         if self.hflip and x1.ndim == 4:
             flip = torch.rand(batch_size, generator=self.gen) < 0.5
             x1 = torch.where(flip[:, None, None, None], x1.flip(-1), x1)
         if self.coupling == "minibatch_ot":
-            x1 = x1[ot_permutation(x0, x1).cpu()]
-        return x0.to(self.device, non_blocking=True), x1.to(self.device, non_blocking=True)
+            perm = ot_permutation(x0, x1).cpu()
+            x1 = x1[perm]
+            y = None if y is None else y[perm]  # a label travels with its X1
+        out = (x0.to(self.device, non_blocking=True), x1.to(self.device, non_blocking=True))
+        return out if y is None else (*out, y.to(self.device, non_blocking=True))
 
     def state_dict(self) -> dict[str, Any]:
         return {"gen": self.gen.get_state()}

@@ -4,6 +4,8 @@
   data set. Files are read batch by batch into one preallocated ``float32`` array, so memory is the
   data set plus one batch, flat in the number of files. Every file must have the first one's numeric
   columns (names, and integer or floating type, in order) and at least one row.
+  :func:`read_parquet_labelled` also reads a column of class labels (``data.label_column``), checked
+  by :func:`check_labels` as every label is, whatever file it comes from.
 - :func:`hash_split`: train/test by a stable hash of each row (its float32 bytes, or its id), so a
   row held out stays held out when rows are added, whatever their order or file.
 - :func:`data_version`: the content version of a data file or folder: sha256 over each file's name
@@ -21,9 +23,33 @@ from rectflow.arrays import DataError, check_array
 from rectflow.errors import InputError
 from rectflow.io import file_kind, file_sha256
 
-__all__ = ["PARQUET", "data_version", "hash_split", "held_out", "parquet_files", "read_parquet", "row_hashes"]
+__all__ = ["MAX_CLASSES", "PARQUET", "check_labels", "data_version", "expected_labels", "hash_split",
+           "hash_split_index", "held_out", "parquet_files", "read_parquet", "read_parquet_labelled", "row_hashes"]
 
 PARQUET = (".parquet", ".pq")
+MAX_CLASSES = 65_536
+"""The most classes labels may name without ``data.classes`` (a label of 10¹² is an id, not a class)."""
+
+
+def expected_labels(classes: int | None) -> str:
+    """What labels must be, in words: ``labels must be integers in [0, K)`` (K: ``data.classes``, or
+    :data:`MAX_CLASSES` when it is None)."""
+    return f"labels must be integers in [0, {MAX_CLASSES if classes is None else classes})"
+
+
+def check_labels(y: np.ndarray, where: str, classes: int | None = None, row0: int = 0) -> np.ndarray:
+    """``y`` ``(n,)`` as int64 if it holds integers in [0, ``classes``) (or [0, :data:`MAX_CLASSES`)
+    when ``classes``, i.e. ``data.classes``, is None); else :class:`DataError`, one line naming
+    ``where`` (the file, column or key), what was expected and the first bad label and its row
+    (``row0``: the row of ``y[0]`` in the file)."""
+    if y.dtype.kind not in "iu":
+        raise DataError(f"{where}: {expected_labels(classes)}, got dtype {y.dtype}")
+    bad = (y < 0) | (y >= (MAX_CLASSES if classes is None else classes))
+    if bad.any():
+        first = int(bad.argmax())
+        key = "" if classes is None else f" (data.classes: {classes})"
+        raise DataError(f"{where}: {expected_labels(classes)}, got {y[first]} at row {first + row0}{key}")
+    return y.astype(np.int64)
 
 
 def parquet_files(folder: Path) -> list[Path]:
@@ -40,11 +66,11 @@ def parquet_files(folder: Path) -> list[Path]:
     return tables
 
 
-def _numeric(schema, id_column: str | None) -> list[tuple[str, str]]:  # type: ignore[no-untyped-def]
+def _numeric(schema, skip: tuple[str | None, ...]) -> list[tuple[str, str]]:  # type: ignore[no-untyped-def]
     import pyarrow.types as pat
 
     return [(f.name, str(f.type)) for f in schema
-            if f.name != id_column and (pat.is_integer(f.type) or pat.is_floating(f.type))]
+            if f.name not in skip and (pat.is_integer(f.type) or pat.is_floating(f.type))]
 
 
 def read_parquet(path: Path, id_column: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -53,10 +79,28 @@ def read_parquet(path: Path, id_column: str | None = None) -> tuple[np.ndarray, 
 
     Raises DataError naming the file: no numeric columns, a null in a row, a file whose columns differ
     from the first file's, a file with no rows, a missing id column or a null id."""
+    x, ids, _ = read_parquet_labelled(path, id_column)
+    return x, ids
+
+
+def read_parquet_labelled(path: Path, id_column: str | None = None, label_column: str | None = None,
+                          classes: int | None = None, read_labels: bool = True,
+                          ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """:func:`read_parquet`, with a column of class labels: ``(x, ids, y)``.
+
+    ``label_column`` is not a dimension; with ``read_labels`` its values come back as ``y``, int64
+    ``(n,)``, each an integer in [0, ``classes``) (:func:`check_labels`); without, the column is only
+    left out of ``x`` (``y`` None). Besides :func:`read_parquet`'s refusals, DataError naming the file:
+    the label column missing, not of an integer type (floats, even integral, and strings are refused),
+    holding a null, or a label out of range (its row named)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     err = DataError
+    if label_column is not None and label_column == id_column:
+        raise err(f"data.label_column: {label_column!r} is also data.id_column; expected a column of labels of its own")
+    skip = (id_column, label_column)
+    labelled = label_column is not None and read_labels
     files = parquet_files(path) if path.is_dir() else [path]
     opened = []
     for f in files:
@@ -65,28 +109,32 @@ def read_parquet(path: Path, id_column: str | None = None) -> tuple[np.ndarray, 
         except Exception as e:  # noqa: BLE001 - a damaged file: name it, not the parser's internals
             first = (str(e).splitlines() or [""])[0][:200]
             raise err(f"{f}: cannot be read ({e.__class__.__name__}: {first})") from None
-    cols = _numeric(opened[0].schema_arrow, id_column)
+    cols = _numeric(opened[0].schema_arrow, skip)
     if not cols:
         raise err(f"{files[0]}: no numeric columns")
     total = 0
     for f, pf in zip(files, opened):
-        mine = _numeric(pf.schema_arrow, id_column)
+        mine = _numeric(pf.schema_arrow, skip)
         if [(c, _kind(t)) for c, t in mine] != [(c, _kind(t)) for c, t in cols]:  # float32 beside float64 is fine
             raise err(f"{f}: columns {_show(mine)} differ from {_show(cols)} of {files[0].name}; every file of the "
                       "data set must have the same numeric columns")
         if id_column is not None and id_column not in pf.schema_arrow.names:
             raise err(f"{f}: no column {id_column!r} (data.id_column)")
+        if labelled and label_column is not None:
+            _check_label_type(pf.schema_arrow, f, label_column, classes)
         if len(files) > 1 and pf.metadata.num_rows == 0:
             raise err(f"{f}: no rows; expected at least one in every file of the data set")
         total += pf.metadata.num_rows
     names = [c for c, _ in cols]
     out = np.empty((total, len(cols)), np.float32)
     ids: list[np.ndarray] = []
+    labels = np.empty(total, np.int64) if labelled else None
     at = 0
     for f, pf in zip(files, opened):
         row = 0
         try:
-            batches = pf.iter_batches(batch_size=65536, columns=names + ([id_column] if id_column else []))
+            extra = [c for c in (id_column, label_column if labelled else None) if c]
+            batches = pf.iter_batches(batch_size=65536, columns=names + extra)
             for batch in batches:
                 for c in names:
                     col = batch.column(c)
@@ -102,6 +150,9 @@ def read_parquet(path: Path, id_column: str | None = None) -> tuple[np.ndarray, 
                     if col.null_count:
                         raise err(f"{f}: id column {id_column!r} has a null value; expected an id in every row")
                     ids.append(np.asarray(col.to_pylist(), dtype=object))
+                if labels is not None and label_column is not None:
+                    block = _batch_labels(batch.column(label_column), f, label_column, classes, row)
+                    labels[at: at + len(block)] = block
                 at += len(batch)
                 row += len(batch)
         except InputError:
@@ -109,7 +160,31 @@ def read_parquet(path: Path, id_column: str | None = None) -> tuple[np.ndarray, 
         except Exception as e:  # noqa: BLE001
             first = (str(e).splitlines() or [""])[0][:200]
             raise err(f"{f}: cannot be read ({e.__class__.__name__}: {first})") from None
-    return out[:at], (np.concatenate(ids) if id_column else None)
+    return out[:at], (np.concatenate(ids) if id_column else None), (None if labels is None else labels[:at])
+
+
+def _check_label_type(schema, f: Path, label_column: str,  # type: ignore[no-untyped-def]
+                      classes: int | None) -> None:
+    """DataError naming the file unless it has ``label_column``, of an integer type."""
+    import pyarrow.types as pat
+
+    if label_column not in schema.names:
+        raise DataError(f"{f}: no column {label_column!r} (data.label_column)")
+    kind = schema.field(label_column).type
+    if not pat.is_integer(kind):
+        raise DataError(f"{f}: column {label_column!r}: {expected_labels(classes)}, got type {kind}")
+
+
+def _batch_labels(col, f: Path, label_column: str,  # type: ignore[no-untyped-def]
+                  classes: int | None, row: int) -> np.ndarray:
+    """One batch's labels ``(b,)`` int64, checked (``row``: the file's row of the batch's first)."""
+    import pyarrow.compute as pc
+
+    where = f"{f}: column {label_column!r}"
+    if col.null_count:
+        first = row + int(pc.index(pc.is_null(col), True).as_py())
+        raise DataError(f"{where}: {expected_labels(classes)}, got a null at row {first}")
+    return check_labels(col.to_numpy(zero_copy_only=False), where, classes, row0=row)
 
 
 def _kind(arrow_type: str) -> str:
@@ -152,6 +227,14 @@ def hash_split(x: np.ndarray, test_fraction: float, seed: int, where: str,
     """(train, test) rows of ``x``, each in the order of the rows' hashes: a row is held out when its
     hash, as a fraction of 2**64, is below ``test_fraction``. Adding rows never moves a row between the splits. At least one
     row goes to each side (by hash rank, when the fraction alone gives none), so two rows are the fewest."""
+    train, test = hash_split_index(x, test_fraction, seed, where, ids)
+    return x[train], x[test]
+
+
+def hash_split_index(x: np.ndarray, test_fraction: float, seed: int, where: str,
+                     ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The row indices (train ``(n_train,)``, test ``(n_test,)``) of :func:`hash_split` of ``x``: index
+    any array aligned with ``x`` (its labels) with them to split it as ``x`` is split."""
     n = len(x)
     if n < 2:
         raise DataError(f"{where}: {n} row(s) are too few to split by data.test_fraction={test_fraction} "
@@ -162,7 +245,7 @@ def hash_split(x: np.ndarray, test_fraction: float, seed: int, where: str,
     # n_samples rows) is then a uniform sample, whichever files came first; the order is as stable
     # as the split (new rows fall in between)
     order = np.argsort(h, kind="stable")
-    return x[order[~test[order]]], x[order[test[order]]]
+    return order[~test[order]], order[test[order]]
 
 
 def held_out(x: np.ndarray, test_fraction: float, seed: int, ids: np.ndarray | None = None) -> np.ndarray:
@@ -181,13 +264,15 @@ def _held_out(h: np.ndarray, test_fraction: float) -> np.ndarray:
 
 def data_version(path: Path) -> dict:
     """{"digest": sha256 over the data's files, "files": n}: a file's own sha256, or for a folder sha256
-    over each file's "name sha256" line (sorted by name), so it changes when a file is added, removed
-    or edited."""
+    over each file's "name sha256" line (sorted by name; an image in a class sub-folder is named
+    ``class/name``, so moving it to another class changes the version), so it changes when a file is
+    added, removed or edited."""
     if not path.is_dir():
         return {"digest": file_sha256(path), "files": 1}
-    from rectflow.imaging import IMAGE_SUFFIXES
+    from rectflow.imaging import IMAGE_SUFFIXES, class_folders
 
     files = parquet_files(path) or sorted(p for p in path.iterdir() if not p.name.startswith(".")
-                                          and p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    lines = "".join(f"{p.name} {file_sha256(p)}\n" for p in files)
+                                          and p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()) or [
+        f for images in class_folders(path).values() for f in images]
+    lines = "".join(f"{p.relative_to(path).as_posix()} {file_sha256(p)}\n" for p in files)
     return {"digest": hashlib.sha256(lines.encode()).hexdigest(), "files": len(files)}

@@ -38,6 +38,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from rectflow.errors import RunFailedError
+from rectflow.guidance import drop_labels
 from rectflow.io import atomic_path
 from rectflow.objectives import Objective, RectifiedFlowLoss, StepContext
 
@@ -54,8 +55,9 @@ class NonFiniteLossError(RunFailedError):
 class BatchSource(Protocol):
     """Yields training pairs; its position is part of a checkpoint."""
 
-    def next_batch(self, batch_size: int) -> tuple[Tensor, Tensor]:
-        """``(x0, x1)``, each ``(batch_size, *shape)``, on the training device."""
+    def next_batch(self, batch_size: int) -> tuple[Tensor, ...]:
+        """``(x0, x1)``, each ``(batch_size, *shape)``, on the training device; labelled pairs
+        (a conditional run) add ``y`` ``(batch_size,)`` int64: ``(x0, x1, y)``."""
         ...
 
     def state_dict(self) -> dict[str, Any]: ...
@@ -316,13 +318,21 @@ def train(
                 f"from it and {kept}. Lower the learning rate or check the data."
             )
 
+    # Conditional runs: labels dropped to the null class with probability p_uncond (pretrain's
+    # classifier-free guidance); the draw comes from the checkpointed generator, and only when
+    # there are labels, so unconditional runs draw exactly what they always did.
+    p_uncond = float(getattr(cfg, "p_uncond", 0.0))
+    classes = int(getattr(model, "classes", 0))
     while step < cfg.steps:
-        x0, x1 = batches.next_batch(local_batch)
+        x0, x1, *labels = batches.next_batch(local_batch)
+        y = labels[0] if labels else None
+        if y is not None and p_uncond > 0:
+            y = drop_labels(y, p_uncond, classes, gen)
         lr = learning_rate(cfg, step)
         if decaying or step <= cfg.warmup or step == resumed_from:  # else constant after the warm-up
             for g in opt.param_groups:
                 g["lr"] = lr
-        loss, total = objective(net, x0, x1, step, ctx)
+        loss, total = objective(net, x0, x1, step, ctx) if y is None else objective(net, x0, x1, step, ctx, y=y)
         opt.zero_grad(set_to_none=True)
         total.backward()
         if cfg.grad_clip > 0:

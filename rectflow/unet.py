@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rectflow.layers import IntervalEmbedding, SinusoidalEmbedding, interval, time_vector
+from rectflow.layers import Conditioning, IntervalEmbedding, SinusoidalEmbedding, interval, time_vector
 
 
 def _groups(channels: int) -> int:
@@ -117,6 +117,9 @@ class UNetVelocity(nn.Module):
         dropout: dropout probability inside every ResBlock.
         average: an average-velocity network u(x, t, end) (MeanFlow): the time MLP takes
             ``[emb(t), emb(end − t)]``; ``end=None`` is end = t (the instantaneous velocity).
+        classes: K > 0 for a conditional network v(x, t, y): a label embedding (K classes and the
+            null class ∅) added to the time MLP's output; 0: unconditional (unchanged).
+        guidance_input: also embed the guidance scale ``w`` (guidance distillation).
     """
 
     def __init__(
@@ -128,6 +131,8 @@ class UNetVelocity(nn.Module):
         time_embed: int = 64,
         dropout: float = 0.0,
         average: bool = False,
+        classes: int = 0,
+        guidance_input: bool = False,
     ) -> None:
         super().__init__()
         _check_config(shape, channels, channel_mult, time_embed)
@@ -140,6 +145,8 @@ class UNetVelocity(nn.Module):
             IntervalEmbedding(time_embed) if average else SinusoidalEmbedding(time_embed),
             nn.Linear(time_embed, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
         )
+        self.cond = Conditioning(classes, emb_dim, guidance_input) if classes else None
+        self.classes, self.guidance_input = int(classes), bool(guidance_input and classes)
         self.conv_in = nn.Conv2d(c, widths[0], 3, padding=1)
 
         self.down = nn.ModuleList()
@@ -185,18 +192,25 @@ class UNetVelocity(nn.Module):
             raise ValueError("UNetVelocity: end is only for an average-velocity network (average=True)")
         return time_vector(t, x.shape[0], x, "UNetVelocity")
 
-    def forward(self, x: Tensor, t: Tensor | float, end: Tensor | float | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor | float, end: Tensor | float | None = None, *,
+                y: Tensor | None = None, w: Tensor | float | None = None) -> Tensor:
         """Velocity at ``(x, t)``.
 
         Args:
             x: ``(B, c, h, w)`` states.
             t: times in [0, 1], a scalar or ``(B,)``.
             end: (average-velocity networks only) the interval's end, a scalar or ``(B,)``.
+            y: (conditional networks only) ``(B,)`` labels in [0, K]; None or K: the null class.
+            w: (``guidance_input`` networks only) the guidance scale, a scalar or ``(B,)``.
 
         Returns:
             ``(B, c, h, w)`` velocity: ``x.dtype`` outside autocast, the autocast dtype inside it.
         """
         emb = self.time_mlp(self._time_vector(x, t, end))  # (B, 4C)
+        if self.cond is not None:
+            emb = emb + self.cond(y, w, x.shape[0], emb)
+        elif y is not None or w is not None:
+            raise ValueError("UNetVelocity: y: this network is unconditional (no classes); it takes no labels")
         h = self.conv_in(x)
         skips: list[Tensor] = []
         for i, block in enumerate(self.down):

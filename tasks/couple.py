@@ -43,6 +43,7 @@ from rectflow.errors import RunFailedError
 from rectflow.io import atomic_write_json, file_sha256, read_json
 from rectflow.layout import Layout
 from rectflow.pairs import MANIFEST, ManifestError, check_manifest, shard_name, shard_rows, write_shard
+from rectflow.guidance import Guided
 from rectflow.solvers import solve
 from rectflow.train import fingerprint
 from tasks._common import claim_finished, device, model_sha, teacher
@@ -82,7 +83,7 @@ class ShardExecutor(Protocol):
     def map(self, job: ShardJob, todo: list[int], rows: list[int]) -> Iterator[tuple[int, dict[str, Any]]]: ...
 
 
-_WORKER_CACHE: dict[tuple[str, int, str, str | None], tuple[Any, Any, tuple[int, ...], Any, Any, Any]] = {}
+_WORKER_CACHE: dict[tuple[str, int, str, str | None], tuple[Any, Any, tuple[int, ...], Any, Any, Any, Any]] = {}
 
 
 @dataclass(frozen=True)
@@ -106,11 +107,12 @@ class ShardJob:
 
     def __call__(self, index: int, rows: int) -> tuple[int, dict[str, Any]]:
         torch.set_num_threads(1)  # one thread per worker process: the cluster is the parallelism
-        model, source, shape, dev, times, target = self._inputs()
-        z0, z1, nfe = generate_shard(self.p, model, source, shape, self.round_k, index, rows, dev, times, target)
-        return index, _write(Path(self.staging), index, z0, z1, nfe, lambda i, e: None, self.remote)
+        model, source, shape, dev, times, target, labels = self._inputs()
+        z0, z1, nfe, y = generate_shard(self.p, model, source, shape, self.round_k, index, rows, dev, times, target,
+                                        labels)
+        return index, _write(Path(self.staging), index, z0, z1, nfe, lambda i, e: None, self.remote, y)
 
-    def _inputs(self) -> tuple[Any, Any, tuple[int, ...], Any, Any, Any]:
+    def _inputs(self) -> tuple[Any, Any, tuple[int, ...], Any, Any, Any, Any]:
         key = (self.root, self.round_k, self.model_sha, self.schedule_sha)
         if key not in _WORKER_CACHE:
             from rectflow.nets import ModelError
@@ -132,8 +134,9 @@ class ShardJob:
                 times = round_times(self.p, layout, self.round_k)
             source = load_prepared(layout.prepared, "source", "train")
             target = real_rows(self.p, layout)
+            labels = labelling(self.p, card, target, self.round_k, layout)
             _WORKER_CACHE.clear()
-            _WORKER_CACHE[key] = (model, source, tuple(card["arch"]["shape"]), dev, times, target)
+            _WORKER_CACHE[key] = (model, source, tuple(card["arch"]["shape"]), dev, times, target, labels)
         return _WORKER_CACHE[key]
 
 
@@ -166,38 +169,89 @@ def solver_record(p: Params, times: torch.Tensor | None) -> dict[str, Any]:
 @torch.inference_mode()
 def solve_pairs(
     model: nn.Module, z0: torch.Tensor, p: Params, dev: torch.device, times: torch.Tensor | None = None,
-    reverse: bool = False,
+    reverse: bool = False, y: torch.Tensor | None = None, guidance: float = 1.0,
 ) -> tuple[torch.Tensor, int]:
     """Z1 = ODE(Z0) for ``z0`` ``(n, *shape)`` in batches; returns (z1 on CPU, NFE summed over batches).
     ``reverse``: the inversion Z0 = ODE_{1→0}(Z1) of states ``z0`` at t = 1 instead.
 
     ``times`` ``(K + 1,)``: the fixed-step solver's time grid (a BOSS schedule, run backwards when
-    ``reverse``); None: ``couple.steps`` uniform steps (or adaptive RK45).
+    ``reverse``); None: ``couple.steps`` uniform steps (or adaptive RK45). ``y`` ``(n,)``: the rows'
+    labels for a conditional flow, guided at scale ``guidance`` (:class:`rectflow.guidance.Guided`;
+    NFE then counts network forwards per sample, 2 per evaluation when both branches run).
     """
     c = p.couple
     out, nfe = [], 0
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=c.precision == "bf16")
     for b in range(0, len(z0), c.batch_size):
         zb = z0[b : b + c.batch_size].to(dev, non_blocking=True)
+        v = model if y is None else Guided(model, y[b : b + c.batch_size].to(dev, non_blocking=True), guidance)
         with autocast:
-            sol = solve(model, zb, c.solver, c.steps, times=times, rtol=c.rtol, atol=c.atol, reverse=reverse)
+            sol = solve(v, zb, c.solver, c.steps, times=times, rtol=c.rtol, atol=c.atol, reverse=reverse)
         out.append(sol.x.float().cpu())
         nfe += sol.nfe
     return torch.cat(out), nfe
 
 
-def sample_source(source: Distribution, n: int, seed: int, shape: tuple[int, ...]) -> torch.Tensor:
-    return source.sample(n, torch.Generator().manual_seed(seed)).reshape(n, *shape)
+def sample_source(source: Distribution, n: int, seed: int, shape: tuple[int, ...],
+                  y: torch.Tensor | None = None) -> torch.Tensor:
+    """``n`` source draws from ``seed``; with labels ``y`` ``(n,)`` and a labelled source, each from
+    the source rows of its class (class-conditional transport)."""
+    gen = torch.Generator().manual_seed(seed)
+    if y is not None and source.labelled:
+        return source.sample_of(y, gen).reshape(n, *shape)
+    return source.sample(n, gen).reshape(n, *shape)
 
 
-def real_rows(p: Params, layout: Layout) -> torch.Tensor | None:
-    """The target's training rows ``(N, *shape)`` that inversion pairs start from (``couple.source``
-    inversion or mixed), else None."""
+@dataclass(frozen=True)
+class Labelling:
+    """How a conditional round labels its pairs: ``classes`` K, the label draw of noise pairs
+    (``couple.labels``: uniform, or ``frequencies`` of the target's training split), and the
+    guidance scale w of the teacher (``couple.guidance`` for round 1; 1 for the reflowed flows,
+    which learned the guided field)."""
+
+    classes: int
+    draw: str
+    guidance: float
+    frequencies: tuple[float, ...]
+
+    def draw_labels(self, n: int, seed: int) -> torch.Tensor:
+        """``(n,)`` int64 labels of ``n`` noise pairs from their own seed."""
+        gen = torch.Generator().manual_seed(seed)
+        if self.draw == "frequency":
+            return torch.multinomial(torch.tensor(self.frequencies, dtype=torch.float64), n, True, generator=gen)
+        return torch.randint(0, self.classes, (n,), generator=gen)
+
+    def record(self) -> dict[str, Any]:
+        """The manifest's ``labels``: what the shards' ``y`` column means and how it was drawn."""
+        return {"classes": self.classes, "draw": self.draw, "guidance": self.guidance, "column": "y"}
+
+
+def labelling(p: Params, card: dict[str, Any], target: Distribution | None, round_k: int,
+              layout: Layout) -> Labelling | None:
+    """The round's :class:`Labelling` when its flow is conditional (``classes`` in its card), else None."""
+    classes = int(card["arch"].get("classes", 0))
+    if not classes:
+        return None
+    if target is None:
+        target = load_prepared(layout.prepared, "target", "train")
+    freqs = tuple(float(f) for f in target.frequencies().tolist())
+    return Labelling(classes, p.couple.labels, p.couple.guidance if round_k == 1 else 1.0, freqs)
+
+
+def label_seed(seed: int, round_k: int, index: int) -> int:
+    """The seed of the labels of shard ``index``'s noise pairs (apart from its noise's)."""
+    h = hashlib.sha256(f"rectflow-labels:{seed}:{round_k}:{index}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def real_rows(p: Params, layout: Layout) -> Distribution | None:
+    """The target's training rows ``(N, *shape)`` (with their labels in a conditional run) that
+    inversion pairs start from (``couple.source`` inversion or mixed), else None."""
     if p.couple.source == "noise":
         return None
     target = load_prepared(layout.prepared, "target", "train")
     assert target.data is not None
-    return target.data
+    return target
 
 
 def inversion_count(c: CoupleParams, rows: int) -> int:
@@ -205,32 +259,38 @@ def inversion_count(c: CoupleParams, rows: int) -> int:
     return {"noise": 0, "inversion": rows, "mixed": round(c.inversion_fraction * rows)}[c.source]
 
 
-def inversion_rows(target: torch.Tensor, seed: int, start: int, n: int) -> torch.Tensor:
-    """Rows ``start … start + n − 1`` of the round's order of the real data: row ``perm[j mod N]``
-    of a permutation of the ``N`` training rows drawn from ``seed`` (each used once before any twice)."""
-    perm = torch.randperm(len(target), generator=torch.Generator().manual_seed(seed))
-    return target.index_select(0, perm[torch.arange(start, start + n) % len(target)])
+def inversion_rows(n_rows: int, seed: int, start: int, n: int) -> torch.Tensor:
+    """Indices ``(n,)`` of rows ``start … start + n − 1`` of the round's order of the ``n_rows`` real
+    training rows: ``perm[j mod N]`` of a permutation drawn from ``seed`` (each used once before any twice)."""
+    perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed))
+    return perm[torch.arange(start, start + n) % n_rows]
 
 
 def generate_shard(
     p: Params, model: nn.Module, source: Distribution, shape: tuple[int, ...], round_k: int, index: int,
-    rows: int, dev: torch.device, times: torch.Tensor | None = None, target: torch.Tensor | None = None,
-) -> tuple[np.ndarray, np.ndarray, int]:
+    rows: int, dev: torch.device, times: torch.Tensor | None = None, target: Distribution | None = None,
+    labels: Labelling | None = None,
+) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:
     """Shard ``index``: z0 ``(rows, *shape)`` from its own seed and z1 = ODE(z0) on ``times`` (see
     :func:`solve_pairs`); with ``couple.source`` inversion or mixed, its first
     :func:`inversion_count` pairs are (ODE_{1→0}(x1), x1) for real rows x1 of ``target`` instead.
-    Returns (z0, z1, NFE)."""
+    A conditional round (``labels``) draws each noise pair's label from its own seed and solves the
+    guided teacher; inversion pairs keep their real row's label. Returns (z0, z1, NFE, y or None)."""
     n_inv = inversion_count(p.couple, rows)
-    z0 = sample_source(source, rows - n_inv, shard_seed(p.seed, round_k, index), shape)
+    y = None if labels is None else labels.draw_labels(rows - n_inv, label_seed(p.seed, round_k, index))
+    w = 1.0 if labels is None else labels.guidance
+    z0 = sample_source(source, rows - n_inv, shard_seed(p.seed, round_k, index), shape, y)
     try:
-        z1, nfe = solve_pairs(model, z0, p, dev, times) if rows > n_inv else (z0, 0)
+        z1, nfe = solve_pairs(model, z0, p, dev, times, y=y, guidance=w) if rows > n_inv else (z0, 0)
         if n_inv:
-            assert target is not None
+            assert target is not None and target.data is not None
             start = index * inversion_count(p.couple, p.couple.shard_size)
-            x1 = inversion_rows(target, shard_seed(p.seed, round_k, -1), start, n_inv)
-            x1 = x1.reshape(n_inv, *shape).float()
-            x0, nfe_inv = solve_pairs(model, x1, p, dev, times, reverse=True)
+            pick = inversion_rows(len(target.data), shard_seed(p.seed, round_k, -1), start, n_inv)
+            x1 = target.data.index_select(0, pick).reshape(n_inv, *shape).float()
+            y1 = None if labels is None or target.labels is None else target.labels.index_select(0, pick)
+            x0, nfe_inv = solve_pairs(model, x1, p, dev, times, reverse=True, y=y1, guidance=w)
             z0, z1, nfe = torch.cat([x0, z0]), torch.cat([x1, z1]), nfe + nfe_inv
+            y = None if y is None or y1 is None else torch.cat([y1, y])
     except RunFailedError as e:
         raise RunFailedError(f"rf{round_k}: {shard_name(index)} of round {round_k}: {e}; nothing of it was written "
                              "(retrain the flow, or use another solver)") from None
@@ -241,7 +301,7 @@ def generate_shard(
         raise RunFailedError(f"rf{round_k}: {shard_name(index)} of round {round_k} came out NaN or infinite in "
                              f"{int(bad.sum())} of {rows} rows: models/rf{round_k} diverges under couple.solver {how}; "
                              "that shard was not written (retrain the flow, or use another solver)")
-    return z0.numpy(), z1.numpy(), nfe
+    return z0.numpy(), z1.numpy(), nfe, None if y is None else y.numpy()
 
 
 def _rows_sha(x: torch.Tensor) -> str:
@@ -310,15 +370,18 @@ def run_round(p: Params, layout: Layout, round_k: int, shard_executor: ShardExec
                         "rerun prepare and pretrain")
     times = round_times(p, layout, round_k)
     target = real_rows(p, layout)
+    labels = labelling(p, card, target, round_k, layout)
     # A uniform round keeps the fingerprint it had before schedules existed; a BOSS round adds its
     # grid, so a round made on another schedule (or another K) is never reused. Likewise noise
     # pairs keep theirs; inversion pairs add the source of pairs and the real rows' sha256.
     grid = () if times is None else ({"schedule": "bellman", "times": [float(t) for t in times.tolist()]},)
     real = () if target is None else ({"source": c.source, "fraction": c.inversion_fraction,
-                                       "rows": _rows_sha(target)},)
+                                       "rows": _rows_sha(target.data)},)
+    # A conditional round adds its labelling (classes, draw, guidance); unconditional rounds keep theirs.
+    cond = () if labels is None else (labels.record(),)
     fp = fingerprint(model_sha(layout, name), c.model_dump(mode="json", exclude={
-        "workers", "dask_address", "schedule", "reflowed", "source", "inversion_fraction"}),
-        p.seed, round_k, p.data.model_dump(mode="json"), *grid, *real)
+        "workers", "dask_address", "schedule", "reflowed", "source", "inversion_fraction", "labels", "guidance"}),
+        p.seed, round_k, p.data.model_dump(mode="json"), *grid, *real, *cond)
     remote = remote_round(p, layout, round_k)  # S3: checked now, before any work
     final, staging = layout.round_dir(round_k), layout.staging(f"couplings/round-{round_k}")
     trash = staging.parent / f".{staging.name}.replaced"
@@ -356,13 +419,15 @@ def run_round(p: Params, layout: Layout, round_k: int, shard_executor: ShardExec
         "solver": solver_record(p, times),
         "source": p.data.source, "fingerprint": fp, "complete": False, "shards": [None] * len(rows),
     }
+    if labels is not None:  # the shards' y column: classes, how noise pairs' labels were drawn, the teacher's w
+        man["labels"] = labels.record()
     if target is not None:  # 2-RF++ pairs: what share came from real data, and how often each row repeats
-        n_inv = sum(inversion_count(c, r) for r in rows)
+        n_inv, n_real = sum(inversion_count(c, r) for r in rows), len(target.data)
         man["pairs_from"] = {"source": c.source, "inversion_fraction": 1.0 if c.source == "inversion" else
-                             c.inversion_fraction, "inverted_pairs": n_inv, "real_rows": len(target)}
-        if n_inv > len(target):
-            print(f"[couple] round {round_k}: {n_inv} inversion pairs from {len(target)} training rows: each row "
-                  f"is inverted up to {-(-n_inv // len(target))} times (identical pairs)", file=sys.stderr, flush=True)
+                             c.inversion_fraction, "inverted_pairs": n_inv, "real_rows": n_real}
+        if n_inv > n_real:
+            print(f"[couple] round {round_k}: {n_inv} inversion pairs from {n_real} training rows: each row "
+                  f"is inverted up to {-(-n_inv // n_real)} times (identical pairs)", file=sys.stderr, flush=True)
     todo, bad = [], []
     for i in range(len(rows)):
         old = previous.get(shard_name(i))
@@ -418,10 +483,10 @@ def run_round(p: Params, layout: Layout, round_k: int, shard_executor: ShardExec
         with ThreadPoolExecutor(max_workers=1) as writer:
             pending: Future | None = None
             for i in todo:
-                z0, z1, nfe = generate_shard(p, model, source, shape, round_k, i, rows[i], dev, times, target)
+                z0, z1, nfe, y = generate_shard(p, model, source, shape, round_k, i, rows[i], dev, times, target, labels)
                 if pending is not None:
                     pending.result()
-                pending = writer.submit(_write, staging, i, z0, z1, nfe, publish, remote)
+                pending = writer.submit(_write, staging, i, z0, z1, nfe, publish, remote, y)
                 print(f"[couple] round {round_k}: shard {i + 1}/{len(rows)} solved (NFE {nfe})", file=sys.stderr, flush=True)
             if pending is not None:
                 pending.result()
@@ -488,12 +553,14 @@ def _restore_round(layout: Layout, round_k: int, fp: str, staging: Path) -> bool
 
 def _write(
     staging: Path, i: int, z0: np.ndarray, z1: np.ndarray, nfe: int, publish, remote: RemoteRound | None = None,
+    y: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Write shard ``i`` into ``staging`` (``publish(i, entry)`` runs before it takes its final
-    name), then upload it to ``remote`` if given. The same code for one worker and for Dask tasks."""
+    """Write shard ``i`` (with its labels ``y``, in a conditional round) into ``staging``
+    (``publish(i, entry)`` runs before it takes its final name), then upload it to ``remote`` if
+    given. The same code for one worker and for Dask tasks."""
     d = z1.reshape(len(z1), -1).astype(np.float64) - z0.reshape(len(z0), -1)
     extra = {"nfe": int(nfe), "cost_sum": float((d * d).sum())}
-    entry = write_shard(staging, i, z0, z1, before_publish=lambda e: publish(i, e | extra)) | extra
+    entry = write_shard(staging, i, z0, z1, before_publish=lambda e: publish(i, e | extra), y=y) | extra
     if remote is not None:
         remote.put_file(staging / entry["name"])
     return entry

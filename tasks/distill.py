@@ -37,7 +37,8 @@ def student_arch(p: Params, teacher_arch: dict[str, Any]) -> dict[str, Any]:
     average-velocity network for ``method: meanflow``."""
     d = p.distill
     arch = (teacher_arch if d.student is None
-            else arch_from_params(d.student, tuple(teacher_arch["shape"]), key="distill.student"))
+            else arch_from_params(d.student, tuple(teacher_arch["shape"]), key="distill.student",
+                                  classes=int(teacher_arch.get("classes", 0))))
     return arch | {"average": True} if d.method == "meanflow" else arch  # time_embed % 4: checked in config
 
 

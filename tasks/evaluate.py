@@ -39,6 +39,16 @@ from rectflow.schedule import schedule_times
 from rectflow.solvers import solve
 from tasks._common import device
 from rectflow.stages import flow_names, student_names, variant_names
+from tasks.classes import EvalLabels, bind_eval_labels, class_grid, class_report, eval_labels, judge
+
+GUIDANCE_STEPS = 100  # Euler steps of the guidance curve's teacher (rf1)
+
+
+def guidance_of(p: Params, name: str) -> float:
+    """The guidance scale a conditional model is evaluated at: rf1 at ``couple.guidance`` (the
+    teacher of the pairs, as the pairs saw it); the reflowed flows and the students at 1 (they
+    learned the guided field from those pairs: InstaFlow's guidance-free student)."""
+    return p.couple.guidance if name == "rf1" else 1.0
 
 EVAL_SEED_OFFSET = 10_007
 
@@ -99,11 +109,20 @@ def run(p: Params, layout: Layout) -> dict:
     cache: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
 
     def get(name: str) -> tuple[nn.Module, dict[str, Any]]:
-        if name not in cache:
-            cache[name] = load_model(layout.model(name), dev)
+        if name not in cache:  # a conditional model comes bound to the evaluation labels (tasks.classes)
+            model, card = load_model(layout.model(name), dev)
+            cache[name] = (bind_eval_labels(model, card, guidance_of(p, name)), card)
         return cache[name]
 
     steps_of = {m: get(m)[1]["meta"].get("steps", 1) for m in groups["students"]}
+    classes = int(get(groups["flows"][0])[1]["arch"].get("classes", 0))
+    judged: list[Any] = []
+
+    def judge_() -> Any:  # the classifier of label accuracy, built once, only for a conditional run
+        if not judged:
+            judged.append(judge(layout, classes, dev))
+        return judged[0]
+
     straight: dict[str, float] = {}
     rows = []
     fd_ctx = _fd_context(p, layout, dev) if len(shape) == 3 else None
@@ -152,6 +171,8 @@ def run(p: Params, layout: Layout) -> dict:
         }
         if lat1 is not None:
             row["latency_b1_ms"] = lat1
+        if isinstance(model, EvalLabels):  # a conditional run: its scale, label accuracy, per-class quality
+            row |= {"guidance": model.w} | class_report(x, eval_labels(len(x), classes), classes, judge_())
         if fd_ctx is not None:
             row |= fd_ctx(x)
         if fid_ctx is not None:
@@ -164,10 +185,12 @@ def run(p: Params, layout: Layout) -> dict:
             png = layout.plots / "samples" / f"{name}-{solver}-nfe{row['nfe']}{row_tag(row)}.png"
             save_grid_png(x[:64].cpu().numpy(), png, scale=3)
         rows.append(row)
-        print(f"[evaluate] {name:>16} {solver + row_tag(row):>16} nfe={row['nfe']:>4} w2={row['w2']:.4f}",
-              file=sys.stderr, flush=True)
-    recon = _reconstruction(p, groups["flows"], get, target.data, images)
+        print(f"[evaluate] {name:>16} {solver + row_tag(row):>16} nfe={row['nfe']:>4} w2={row['w2']:.4f}"
+              + (f" acc={row['accuracy']:.3f}" if "accuracy" in row else ""), file=sys.stderr, flush=True)
+    recon = _reconstruction(p, groups["flows"], get, target.data, images, target.labels)
     extra: dict[str, Any] = {"reconstruction": recon}
+    if classes:
+        extra["guidance"] = _guidance_curve(p, layout, groups, get, z0, ref, classes, judge_(), fd_ctx, images)
     if images:
         extra["inpainting"] = _inpainting(p, layout, groups["flows"][-1], get, ref.to(dev), fd_ctx)
     atomic_write_json(layout.metrics / "eval.json", {"rows": rows, **extra})
@@ -183,15 +206,85 @@ def run(p: Params, layout: Layout) -> dict:
     return summary
 
 
-def _reconstruction(p: Params, flows: list[str], get, test: torch.Tensor, images: bool) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
+def _guidance_curve(p: Params, layout: Layout, groups: dict[str, list[str]], get, z0: torch.Tensor,  # type: ignore[no-untyped-def]
+                    ref: torch.Tensor, classes: int, j: Any, fd_ctx, images: bool) -> list[dict[str, Any]]:
+    """Rows (model, guidance, nfe, accuracy, w2 | fd, per_class) of rf1 at :data:`GUIDANCE_STEPS`
+    Euler steps for every w of ``evaluate.guidance`` (and of students that take w as an input, at
+    their own steps), on the evaluation noise and labels; ``plots/guidance.csv`` and ``.png``
+    (accuracy and quality against w); for images, ``plots/classes/NAME-wW.png`` class grids."""
+    y = eval_labels(len(z0), classes).to(z0.device)
+    grid_n = classes * 8  # 8 samples of each class for the class grids
+    out = []
+    takers = [(m, get(m)[1]["meta"].get("steps", 1)) for m in groups["students"]
+              if get(m)[1]["arch"].get("guidance_input")]
+    for name, steps in [("rf1", GUIDANCE_STEPS), *takers]:
+        model = get(name)[0]
+        for w in p.evaluate.guidance:
+            v = model.__class__(model.inner, classes, w) if isinstance(model, EvalLabels) else model
+            with torch.inference_mode():
+                sol = solve(v, z0, "euler", steps)
+            x = sol.x.float()
+            if not bool(torch.isfinite(x).all()):
+                raise RunFailedError(f"evaluate: {name} at guidance {w:g} made NaN or infinite samples")
+            row = {"model": name, "guidance": float(w), "solver": "euler", "nfe": int(sol.nfe),
+                   "w2": metrics.w2(x, ref)} | class_report(x, y, classes, j)
+            if fd_ctx is not None:
+                row |= fd_ctx(x)
+            if images:
+                class_grid(x[:grid_n], y[:grid_n], classes, layout.plots / "classes" / f"{name}-w{w:g}.png")
+            out.append(row)
+            print(f"[evaluate] {name:>16} {f'guidance w={w:g}':>16} nfe={row['nfe']:>4} acc={row['accuracy']:.3f} "
+                  + (f"fd={row['fd']:.3f}" if "fd" in row else f"w2={row['w2']:.4f}"), file=sys.stderr, flush=True)
+    if images:  # the last flow and every student at their own settings, one row per class
+        last = groups["flows"][-1]
+        for name, steps in [(last, 1), *[(m, get(m)[1]["meta"].get("steps", 1)) for m in groups["students"]]]:
+            with torch.inference_mode():
+                x = solve(get(name)[0], z0[:grid_n], "euler", steps).x.float()
+            class_grid(x, y[:grid_n], classes, layout.plots / "classes" / f"{name}-nfe{steps}.png")
+    _guidance_plots(layout, out, "fd" if fd_ctx is not None else "w2")
+    return out
+
+
+def _guidance_plots(layout: Layout, rows: list[dict[str, Any]], quality: str) -> None:
+    """``plots/guidance.csv`` (model, w, nfe, accuracy, quality) and ``plots/guidance.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with atomic_path(layout.plots / "guidance.csv") as tmp:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["model", "guidance", "nfe", "accuracy", quality])
+            for r in rows:
+                w.writerow([r["model"], r["guidance"], r["nfe"], r["accuracy"], r[quality]])
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for name in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == name]
+        axes[0].plot([r["guidance"] for r in mine], [r["accuracy"] for r in mine], "o-", label=name)
+        axes[1].plot([r["guidance"] for r in mine], [r[quality] for r in mine], "o-", label=name)
+    axes[0].set(xlabel="guidance scale w", ylabel="label accuracy")
+    axes[1].set(xlabel="guidance scale w", ylabel=quality.upper())
+    axes[0].legend()
+    fig.tight_layout()
+    with atomic_path(layout.plots / "guidance.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def _reconstruction(p: Params, flows: list[str], get, test: torch.Tensor, images: bool,  # type: ignore[no-untyped-def]
+                    labels: torch.Tensor | None = None) -> list[dict[str, Any]]:
     """Rows (flow, solver, steps, nfe, mse[, psnr]) of ``evaluate.reconstruction``: the first ``n``
-    held-out target rows inverted and regenerated by each flow with each solver at each step count."""
+    held-out target rows inverted and regenerated by each flow with each solver at each step count
+    (a conditional flow guided by the rows' own ``labels``)."""
     r = p.evaluate.reconstruction
     x1 = test[: r.n]
     out = []
     for name in flows:
         model, _ = get(name)
         x = x1.to(next(model.parameters()).device)
+        if isinstance(model, EvalLabels) and labels is not None:
+            model = model.guided(labels[: r.n].to(x.device))
         for solver in r.solvers:
             for steps in ([None] if solver == "rk45" else r.steps):
                 with torch.inference_mode():
@@ -447,6 +540,7 @@ def score_one_step(p: Params, layout: Layout, stem) -> float | None:  # type: ig
     model, card = load_model(stem, dev)
     if tuple(card["arch"]["shape"]) != tuple(target.shape):
         return None
+    model = bind_eval_labels(model, card, 1.0)  # a conditional student: on the evaluation labels
     z0 = eval_noise(p, layout, p.evaluate.n_samples, tuple(target.shape)).to(dev)
     with torch.inference_mode():
         x = solve(model, z0, "euler", int(card["meta"].get("steps", 1))).x.float()

@@ -1,7 +1,8 @@
 """The frozen feature network behind the Fréchet distance (image data only).
 
-``prepare`` trains it once on the target's training split (digits: on their labels; user images:
-on k-means cluster ids) and writes ``data/prepared/features.safetensors`` + ``.json``; it changes
+``prepare`` trains it once on the target's training split (digits and a conditional run's images: on
+their labels, so that its predictions measure label accuracy; other user images: on k-means cluster
+ids) and writes ``data/prepared/features.safetensors`` + ``.json``; it changes
 only when the target data does. Every FD figure carries the sha256 of those weights, so numbers are
 comparable exactly when the hashes are equal.
 """
@@ -47,10 +48,17 @@ def train(x_train: np.ndarray, labels: np.ndarray | None, seed: int, where: str)
     return net
 
 
-def save(layout: Layout, net: FeatureNet, labelled: bool) -> dict[str, Any]:
+def save(layout: Layout, net: FeatureNet, labels: np.ndarray | None, conditional: bool = False) -> dict[str, Any]:
+    """Write the feature net; its record in ``meta.json``: path, sha256, ``trained_on`` ("labels" or
+    "k-means clusters") and, for a conditional run, ``output_labels``: the label of each of the
+    classifier's outputs (``labels`` ``(n_train,)`` it was trained on, distinct, ascending), so that
+    ``output_labels[argmax(logits)]`` is its predicted label."""
     weights, _ = save_feature_net(net, layout.prepared / FEATURES)
-    return {"path": str(weights.relative_to(layout.root)), "sha256": file_sha256(weights),
-            "trained_on": "labels" if labelled else "k-means clusters"}
+    record = {"path": str(weights.relative_to(layout.root)), "sha256": file_sha256(weights),
+              "trained_on": "labels" if labels is not None else "k-means clusters"}
+    if conditional and labels is not None:
+        record["output_labels"] = np.unique(labels).tolist()
+    return record
 
 
 def fd_scorer(p: Params, layout: Layout, dev: torch.device) -> Callable[[torch.Tensor], dict[str, Any]] | None:

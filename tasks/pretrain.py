@@ -50,13 +50,16 @@ def run(p: Params, layout: Layout) -> dict:
     meta = prepared_meta(layout.prepared)
     source = load_prepared(layout.prepared, "source", "train")
     target = load_prepared(layout.prepared, "target", "train")
-    arch = arch_from_params(p.model, target.shape)
+    arch = arch_from_params(p.model, target.shape, classes=target.classes if target.labelled else 0)
     torch.manual_seed(p.seed)
     model = build_model(arch)
     batches = IndependentPairs(source, target, p.seed, dev, coupling=p.pretrain.coupling, hflip=p.data.hflip,
                                rank=rank_world()[0])
     inputs = {f"{side}-{split}": meta[side].get("files", {}).get(split, {}).get("sha256", "gaussian")
               for side in ("source", "target") for split in ("train",)}
+    for side, dist in (("source", source), ("target", target)):  # a conditional run's labels are inputs too
+        if dist.labelled:
+            inputs[f"{side}-train-labels"] = meta[side]["files"]["train"]["labels_sha256"]
     cfg, card_meta = p.pretrain, {"role": "flow", "round": 1, "coupling": p.pretrain.coupling, "source": p.data.source}
     warm = warm_start(p, layout, arch, meta)
     if warm is not None:  # fine-tuning on new data: from the champion's flow, for its own step budget

@@ -44,11 +44,22 @@ def calibration_draws(p: Params, layout: Layout, n: int, shape: tuple[int, ...],
     x = load_prepared(layout.prepared, "source", "train").sample(n, g).reshape(n, *shape)
     step = torch.arange(n) % steps
     if steps > 1:
+        from rectflow.guidance import Guided
+
+        v = Guided(model, cond["y"], 1.0) if (cond := conditioning(model, n)) else model
         with torch.inference_mode():
-            traj = solve(model, x, "euler", steps, trajectory=True).trajectory  # (k + 1, n, *shape)
+            traj = solve(v, x, "euler", steps, trajectory=True).trajectory  # (k + 1, n, *shape)
         x = traj[step, torch.arange(n)].clone()  # type: ignore[index]
     t = step.float() / steps
-    return (x, t, t + 1.0 / steps) if getattr(model, "average_velocity", False) else (x, t)
+    out = (x, t, t + 1.0 / steps) if getattr(model, "average_velocity", False) else (x, t)
+    return (*out, cond) if (cond := conditioning(model, n)) else out
+
+
+def conditioning(model: torch.nn.Module, n: int) -> dict[str, torch.Tensor]:
+    """A conditional student's labels for ``n`` draws (class i mod K: the student is used with
+    labels, its null class was never trained by distillation), as keyword inputs; {} otherwise."""
+    classes = int(getattr(model, "classes", 0))
+    return {"y": torch.arange(n) % classes} if classes else {}
 
 
 def run(p: Params, layout: Layout) -> dict:
@@ -61,8 +72,9 @@ def run(p: Params, layout: Layout) -> dict:
         fp32_bytes = layout.model(student).with_suffix(".safetensors").stat().st_size
         z = torch.randn(p.evaluate.latency_batch, *shape, generator=torch.Generator().manual_seed(p.seed))
         t = torch.zeros(len(z))
+        cond = conditioning(model, len(z))
         with torch.inference_mode():
-            ref = model(z, t)
+            ref = model(z, t, **cond)
         for variant in q.variants:
             name = f"{student}-{variant}"
             meta = base | {"name": name, "quant": variant}
@@ -106,7 +118,7 @@ def run(p: Params, layout: Layout) -> dict:
 def _compare(layout: Layout, name: str, fp32_bytes: int, z: torch.Tensor, t: torch.Tensor, ref: torch.Tensor) -> dict:
     model, _ = load_model(layout.model(name), "cpu")
     with torch.inference_mode():
-        diff = (model(z, t).float() - ref).abs().max().item()
+        diff = (model(z, t, **conditioning(model, len(z))).float() - ref).abs().max().item()
     size = layout.model(name).with_suffix(".safetensors").stat().st_size
     return {"model": name, "bytes": size, "fp32_bytes": fp32_bytes, "bytes_ratio": size / fp32_bytes,
             "max_abs_velocity_change": diff, "sha256": read_model_card(layout.model(name))["meta"]["sha256"]}
