@@ -330,6 +330,15 @@ class DistillParams(TrainParams):
     slimflow: SlimFlowParams = Field(default_factory=SlimFlowParams, description="With method: slimflow.")
     meanflow: MeanFlowParams = Field(default_factory=MeanFlowParams, description="With method: meanflow.")
     k: PosInt = Field(1, description="Student steps: 1 is one-step; k > 1 also trains a k-step one.")
+    guidance_input: bool = Field(
+        False, description="Conditional runs: guidance distillation (Meng et al. 2023): every pair is made at its own "
+        "guidance scale w ~ U(guidance_range) (a column w of the shards), and the reflowed flows and the students "
+        "take w as an input, so one 1-NFE student serves every scale."
+    )
+    guidance_range: list[NonNegFloat] = Field(
+        [0.0, 5.0], min_length=2, max_length=2, description="With guidance_input: the [lo, hi] that each pair's w "
+        "is drawn from, uniformly.",
+    )
     adversarial: AdversarialParams = Field(
         default_factory=AdversarialParams,
         description="weight (λ; 0: off), lr, channels of the discriminator added to the regression.",
@@ -344,6 +353,8 @@ class DistillParams(TrainParams):
 
     @model_validator(mode="after")
     def _method_options(self) -> DistillParams:
+        if not self.guidance_range[0] <= self.guidance_range[1]:
+            raise ValueError(f"distill.guidance_range: expected lo ≤ hi, got {list(self.guidance_range)}")
         if self.adversarial.weight > 0 and self.method == "meanflow":
             raise ValueError("distill.adversarial.weight: the adversarial term is for distill.method 'regression' "
                              "or 'slimflow', got 'meanflow' (set distill.adversarial.weight: 0)")

@@ -56,18 +56,21 @@ class Guided:
     """The guided velocity of a conditional network for fixed labels, as a solver's ``v(z, t)``.
 
     ``model``: a network called ``model(z, t[, end], y=labels)`` (``y=None``: ∅); ``y`` ``(B,)``
-    labels of the rows to be solved (None: unconditional); ``w``: the guidance scale. For a
-    student with the scale as input (``model.guidance_input``) the scale is passed to it
+    labels of the rows to be solved (None: unconditional); ``w``: the guidance scale, one for every
+    row or ``(B,)``, one per row (pairs made at many scales, ``distill.guidance_input``). For a
+    model with the scale as input (``model.guidance_input``) the scale is passed to it
     (``model(z, t, y=y, w=w)``) at one forward per call.
     """
 
-    def __init__(self, model: nn.Module, y: Tensor | None, w: float = 1.0) -> None:
-        if w < 0:
-            raise GuidanceError(f"guidance: the scale w must be ≥ 0, got {w:g}")
-        self.model, self.y, self.w = model, y, float(w)
+    def __init__(self, model: nn.Module, y: Tensor | None, w: float | Tensor = 1.0) -> None:
+        low = float(w.min()) if isinstance(w, Tensor) else float(w)
+        if not low >= 0:
+            raise GuidanceError(f"guidance: the scale w must be ≥ 0, got {low:g}")
+        self.model, self.y = model, y
+        self.w: float | Tensor = w if isinstance(w, Tensor) else float(w)
         self.average_velocity = bool(getattr(model, "average_velocity", False))
         self.takes_w = bool(getattr(model, "guidance_input", False))
-        self.both = y is not None and not self.takes_w and self.w not in (0.0, 1.0)
+        self.both = y is not None and not self.takes_w and (isinstance(w, Tensor) or self.w not in (0.0, 1.0))
         self.forwards = 2 if self.both else 1
         self._y2: Tensor | None = None
 
@@ -78,11 +81,12 @@ class Guided:
         if self.takes_w:
             return self.model(*args, y=self.y, w=self.w)
         if not self.both:
-            return self.model(*args, y=self.y if self.w == 1.0 else None)
+            return self.model(*args, y=self.y if self.w == 1.0 else None)  # w is 0 or 1 here
         b = z.shape[0]
         if self._y2 is None or self._y2.shape[0] != 2 * b:
             null = torch.full_like(self.y, int(getattr(self.model, "classes")))
             self._y2 = torch.cat([self.y, null])
         out = self.model(*(torch.cat([a, a]) for a in args), y=self._y2)
         cond, uncond = out[:b], out[b:]
-        return uncond + self.w * (cond - uncond)
+        w = self.w.reshape(-1, *([1] * (out.ndim - 1))).to(out.dtype) if isinstance(self.w, Tensor) else self.w
+        return uncond + w * (cond - uncond)

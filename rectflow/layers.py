@@ -120,8 +120,10 @@ class Conditioning(nn.Module):
         self.classes = int(classes)
         self.label = LabelEmbedding(self.classes, dim)
         self.scale = None
-        if guidance_input:
+        if guidance_input:  # its output layer starts at zero: a flow given this input starts as the same flow for every w
             self.scale = nn.Sequential(SinusoidalEmbedding(dim, scale=1.0), nn.Linear(dim, dim))
+            nn.init.zeros_(self.scale[1].weight)
+            nn.init.zeros_(self.scale[1].bias)
 
     def forward(self, y: Tensor | None, w: Tensor | float | None, batch: int, ref: Tensor) -> Tensor:
         out = self.label(label_vector(y, batch, self.classes, ref.device)).to(ref.dtype)

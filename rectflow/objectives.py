@@ -55,15 +55,17 @@ class StepContext:
 
 class Objective(Protocol):
     def __call__(self, net: nn.Module, x0: Tensor, x1: Tensor, step: int, ctx: StepContext,
-                 y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                 y: Tensor | None = None, w: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(reported, total)`` scalars for the pairs ``x0, x1`` ``(B, *shape)`` at ``step``;
-        ``y`` ``(B,)``: the pairs' class labels for a conditional network (None: unconditional)."""
+        ``y`` ``(B,)``: the pairs' class labels for a conditional network (None: unconditional);
+        ``w`` ``(B,)``: their guidance scales, for a network that takes them."""
         ...
 
 
-def _labels(y: Tensor | None) -> dict[str, Tensor]:
-    """The keyword a conditional network's call takes (none at all for an unconditional one)."""
-    return {} if y is None else {"y": y}
+def _labels(y: Tensor | None, w: Tensor | None = None) -> dict[str, Tensor]:
+    """The keywords a conditional network's call takes (none at all for an unconditional one):
+    the labels ``y`` and, for a network that takes the guidance scale, each pair's ``w``."""
+    return {} if y is None else {"y": y} if w is None else {"y": y, "w": w}
 
 
 def _bcast(t: Tensor, like: Tensor) -> Tensor:
@@ -97,11 +99,11 @@ class RectifiedFlowLoss:
         self.distance = _Distance(loss, huber_c)
 
     def __call__(self, net: nn.Module, x0: Tensor, x1: Tensor, step: int, ctx: StepContext,
-                 y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                 y: Tensor | None = None, w: Tensor | None = None) -> tuple[Tensor, Tensor]:
         t = sample_time(self.time_dist, x0.shape[0], ctx.gen, ctx.device, k=self.k)
         xt = interpolate(x0, x1, t)
         with ctx.autocast:
-            pred = net(xt, t, **_labels(y))
+            pred = net(xt, t, **_labels(y, w))
         pred = pred.float()
         loss = self.distance(pred, x1 - x0)
         if self.adversary is None:
@@ -180,9 +182,9 @@ class SlimFlowLoss:
         self.teacher.eval()
 
     def __call__(self, net: nn.Module, x0: Tensor, x1: Tensor, step: int, ctx: StepContext,
-                 y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                 y: Tensor | None = None, w: Tensor | None = None) -> tuple[Tensor, Tensor]:
         b = x0.shape[0]
-        cond = _labels(y)
+        cond = _labels(y, w)
         if step < self.reflow_steps:
             beta = anneal_beta(step, self.anneal_steps, self.schedule)
             eps = self.draw(b, ctx.gen).to(ctx.device, x0.dtype).reshape(x0.shape)
@@ -198,7 +200,8 @@ class SlimFlowLoss:
         zero = torch.zeros_like(t)
         xt0 = interpolate(x0, x1, t)
         with ctx.autocast:  # the regression's and the guide's student forwards in one batch
-            out = net(torch.cat([xt0, eps]), torch.cat([t, zero]), **_labels(None if y is None else torch.cat([y, y]))).float()
+            both = _labels(None if y is None else torch.cat([y, y]), None if w is None else torch.cat([w, w]))
+            out = net(torch.cat([xt0, eps]), torch.cat([t, zero]), **both).float()
         pred, v_eps = out[:b], out[b:]
         loss = self.distance(pred, x1 - x0)
         total = loss
@@ -259,8 +262,8 @@ class MeanFlowLoss:
         return s, torch.where(keep, torch.maximum(a, b), s)
 
     def __call__(self, net: nn.Module, x0: Tensor, x1: Tensor, step: int, ctx: StepContext,
-                 y: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        cond = _labels(y)
+                 y: Tensor | None = None, w: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        cond = _labels(y, w)
         s, e = self.times(x0.shape[0], ctx.gen, ctx.device)
         z = interpolate(x0, x1, s)
         v = (x1 - x0).to(z.dtype)

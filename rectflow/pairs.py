@@ -62,9 +62,11 @@ def _fixed_list(x: np.ndarray) -> pa.FixedSizeListArray:
 def write_shard(
     directory: Path, index: int, z0: np.ndarray, z1: np.ndarray,
     *, before_publish: Callable[[dict[str, Any]], None] | None = None, y: np.ndarray | None = None,
+    w: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Write ``z0, z1`` ``(rows, *shape)`` as shard ``index`` atomically; return its manifest entry.
-    ``y`` ``(rows,)``: the pairs' class labels (a conditional run), written as an int64 column ``y``.
+    ``y`` ``(rows,)``: the pairs' class labels (a conditional run), written as an int64 column ``y``;
+    ``w`` ``(rows,)``: each pair's guidance scale (``distill.guidance_input``), a float32 column ``w``.
 
     The shard is written under a temporary name and renamed into place. ``before_publish(entry)``
     runs after the temporary file is complete and hashed but before the rename, so a caller can
@@ -78,6 +80,10 @@ def write_shard(
         if y.shape != (len(z0),):
             raise ValueError(f"shard {index}: y {y.shape} does not label its {len(z0)} rows")
         columns["y"] = pa.array(np.ascontiguousarray(y, dtype=np.int64))
+    if w is not None:
+        if w.shape != (len(z0),):
+            raise ValueError(f"shard {index}: w {w.shape} does not scale its {len(z0)} rows")
+        columns["w"] = pa.array(np.ascontiguousarray(w, dtype=np.float32))
     table = pa.table(columns)
     path = Path(directory) / shard_name(index)
     with atomic_path(path) as tmp:
@@ -88,23 +94,41 @@ def write_shard(
     return entry
 
 
-def _decode(data: bytes, shape: tuple[int, ...], where: str, labels: bool = False) -> tuple[np.ndarray, ...]:
-    """``(z0, z1)`` ``(rows, *shape)`` float32 of a shard's bytes, and with ``labels`` its ``y`` ``(rows,)`` int64."""
+LabelColumns = tuple[str, ...]
+"""The columns a round has beside ``z0, z1``: ``()``, ``("y",)`` (labels) or ``("y", "w")`` (and scales)."""
+
+_EXTRA_TYPES = {"y": (pa.types.is_integer, np.int64, "integer class labels"),
+                "w": (pa.types.is_floating, np.float32, "floating guidance scales")}
+
+
+def label_columns(man: dict[str, Any]) -> LabelColumns:
+    """The extra columns a round's manifest promises (its ``labels`` record)."""
+    rec = man.get("labels")
+    if not rec:
+        return ()
+    return ("y", "w") if isinstance(rec, dict) and rec.get("column_w") else ("y",)
+
+
+def _decode(data: bytes, shape: tuple[int, ...], where: str, labels: LabelColumns = ()) -> tuple[np.ndarray, ...]:
+    """``(z0, z1)`` ``(rows, *shape)`` float32 of a shard's bytes, then its ``labels`` columns
+    (``y`` int64, ``w`` float32)."""
+    extra = tuple(labels)
     try:
-        table = pq.read_table(io.BytesIO(data), columns=["z0", "z1", "y"] if labels else ["z0", "z1"])
+        table = pq.read_table(io.BytesIO(data), columns=["z0", "z1", *extra])
     except Exception as e:
-        if labels and "y" not in _schema_names(data):
-            raise ManifestError(f"{where}: has no label column 'y', but its manifest says the round is labelled "
+        missing = [c for c in extra if c not in _schema_names(data)]
+        if missing:
+            raise ManifestError(f"{where}: has no column {missing[0]!r}, but its manifest says the round is labelled "
                                 "(rerun the couple stage to remake the round)") from None
         raise ManifestError(f"{where}: not a readable pair shard ({e.__class__.__name__})") from None
-    _check_columns(table.schema, shape, where, labels)
+    _check_columns(table.schema, shape, where, extra)
     out = []
     for col in ("z0", "z1"):
         arr = table.column(col).combine_chunks()
         flat = arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
         out.append(flat.reshape(len(table), *shape))
-    if labels:
-        out.append(table.column("y").to_numpy().astype(np.int64, copy=False))
+    for col in extra:
+        out.append(table.column(col).to_numpy().astype(_EXTRA_TYPES[col][1], copy=False))
     return tuple(out)
 
 
@@ -115,15 +139,17 @@ def _schema_names(data: bytes) -> list[str]:
         return []
 
 
-def _check_columns(schema: pa.Schema, shape: tuple[int, ...], where: str, labels: bool = False) -> None:
+def _check_columns(schema: pa.Schema, shape: tuple[int, ...], where: str, labels: LabelColumns = ()) -> None:
     """Both columns are fixed-size lists of floats as long as the manifest's shape says (and, for a
-    labelled round, ``y`` is an integer column); else a ManifestError naming the shard and both dimensions."""
-    if labels:
-        if "y" not in schema.names:
-            raise ManifestError(f"{where}: has no label column 'y', but its manifest says the round is labelled "
+    labelled round, ``y`` is an integer column, ``w`` a float one); else a ManifestError naming the
+    shard and both dimensions."""
+    for col in labels:
+        is_type, _, what = _EXTRA_TYPES[col]
+        if col not in schema.names:
+            raise ManifestError(f"{where}: has no column {col!r}, but its manifest says the round is labelled "
                                 "(rerun the couple stage to remake the round)")
-        if not pa.types.is_integer(schema.field("y").type):
-            raise ManifestError(f"{where}: column 'y' is {schema.field('y').type}, expected integer class labels")
+        if not is_type(schema.field(col).type):
+            raise ManifestError(f"{where}: column {col!r} is {schema.field(col).type}, expected {what}")
     dim = int(np.prod(shape))
     for col in ("z0", "z1"):
         if col not in schema.names:
@@ -137,7 +163,8 @@ def _check_columns(schema: pa.Schema, shape: tuple[int, ...], where: str, labels
                                 "(rerun the couple stage to remake the round)")
 
 
-def check_shard_file(path: Path, entry: dict[str, Any], shape: tuple[int, ...], labels: bool = False) -> None:
+def check_shard_file(path: Path, entry: dict[str, Any], shape: tuple[int, ...],
+                     labels: LabelColumns = ()) -> None:
     """A shard's Parquet footer (no data read) agrees with its manifest entry and the round's shape
     (and has its label column, for a labelled round)."""
     require_file(path, ManifestError, f"{path}: listed in the manifest but missing")
@@ -214,7 +241,7 @@ def _check_totals(man: dict[str, Any], path: str) -> None:
 
 
 def read_shard(round_dir: Path, entry: dict[str, Any], shape: tuple[int, ...],
-               labels: bool = False) -> tuple[np.ndarray, ...]:
+               labels: LabelColumns = ()) -> tuple[np.ndarray, ...]:
     """Read one shard, verifying its sha256 against the manifest entry first: ``(z0, z1)``, and
     ``y`` too with ``labels``."""
     path = Path(round_dir) / entry["name"]
@@ -223,7 +250,7 @@ def read_shard(round_dir: Path, entry: dict[str, Any], shape: tuple[int, ...],
 
 
 def decode_shard(
-    data: bytes, entry: dict[str, Any], shape: tuple[int, ...], where: str, labels: bool = False,
+    data: bytes, entry: dict[str, Any], shape: tuple[int, ...], where: str, labels: LabelColumns = (),
 ) -> tuple[np.ndarray, ...]:
     """A shard's bytes (read from a file or an object store), verified against its manifest entry
     (sha256, then rows) and decoded; ``where`` names it in errors. ``(z0, z1[, y])``."""
@@ -307,7 +334,7 @@ class PairStream:
             self.man = _store_manifest(store, self.dir)
         self.shape = tuple(self.man["shape"])
         self.shards = self.man["shards"]
-        self.labelled = bool(self.man.get("labels"))  # a conditional round: batches are (z0, z1, y)
+        self.labelled = label_columns(self.man)  # a conditional round: batches are (z0, z1, y[, w])
         if not self.shards:
             raise ManifestError(f"{self._where(MANIFEST)}: lists no shards")
         if store is None:
@@ -361,7 +388,7 @@ class PairStream:
         return decode_shard(data, entry, self.shape, self._where(entry["name"]), self.labelled)
 
     def next_batch(self, batch_size: int) -> tuple[Tensor, ...]:
-        """``(z0, z1)`` ``(batch_size, *shape)``, with ``y`` ``(batch_size,)`` for a labelled round."""
+        """``(z0, z1)`` ``(batch_size, *shape)``, with ``y`` (and ``w``) ``(batch_size,)`` for a labelled round."""
         if self.world == 1:
             return self._take(batch_size)
         mine = slice(self.rank * batch_size, (self.rank + 1) * batch_size)

@@ -179,12 +179,14 @@ REGISTRY: tuple[Stage, ...] = (
     ),
     Stage(
         "couple", "round 1: pairs (Z0, Z1 = ODE(Z0)) of rf1 as Parquet shards",
-        params=("seed", "data", "couple", "storage"), inputs=lambda p: ["data/prepared", *_model("rf1", schedule=True)],
+        params=("seed", "data", "couple", "distill.guidance_input", "distill.guidance_range", "storage"),
+        inputs=lambda p: ["data/prepared", *_model("rf1", schedule=True)],
         outputs=lambda p: [Out(_round(1)), _metrics("couple")],
     ),
     Stage(
         "reflow", "rf{r+1} on round r's pairs from rf{r}'s weights, then round r+1's pairs, r = 1 … reflow.rounds",
-        params=("seed", "data", "couple", "reflow", "bellman", "storage"),
+        params=("seed", "data", "couple", "reflow", "distill.guidance_input", "distill.guidance_range", "bellman",
+                "storage"),
         inputs=lambda p: ["data/prepared", _round(1), *_model("rf1")],
         outputs=_reflow_outputs, ddp=True,
     ),
@@ -204,7 +206,7 @@ REGISTRY: tuple[Stage, ...] = (
     ),
     Stage(
         "evaluate", "every model against NFE: W2, MMD, FD, straightness, transport cost, latency, size",
-        params=("seed", "evaluate", "reflow.rounds", "distill.k", "quantize.variants"),
+        params=("seed", "evaluate", "couple.guidance", "reflow.rounds", "distill.k", "quantize.variants"),
         inputs=_evaluate_inputs,
         outputs=lambda p: [Out("plots/trajectories.png", cache=False), Out("plots/nfe_w2.csv", "plots", cache=False),
                            Out("plots/pareto.png", cache=False),

@@ -57,7 +57,8 @@ class BatchSource(Protocol):
 
     def next_batch(self, batch_size: int) -> tuple[Tensor, ...]:
         """``(x0, x1)``, each ``(batch_size, *shape)``, on the training device; labelled pairs
-        (a conditional run) add ``y`` ``(batch_size,)`` int64: ``(x0, x1, y)``."""
+        (a conditional run) add ``y`` ``(batch_size,)`` int64: ``(x0, x1, y)``, and pairs made at
+        their own guidance scales their ``w`` ``(batch_size,)``: ``(x0, x1, y, w)``."""
         ...
 
     def state_dict(self) -> dict[str, Any]: ...
@@ -326,13 +327,17 @@ def train(
     while step < cfg.steps:
         x0, x1, *labels = batches.next_batch(local_batch)
         y = labels[0] if labels else None
+        w = labels[1] if len(labels) > 1 else None  # each pair's guidance scale (guidance distillation)
         if y is not None and p_uncond > 0:
             y = drop_labels(y, p_uncond, classes, gen)
         lr = learning_rate(cfg, step)
         if decaying or step <= cfg.warmup or step == resumed_from:  # else constant after the warm-up
             for g in opt.param_groups:
                 g["lr"] = lr
-        loss, total = objective(net, x0, x1, step, ctx) if y is None else objective(net, x0, x1, step, ctx, y=y)
+        if y is None:
+            loss, total = objective(net, x0, x1, step, ctx)
+        else:
+            loss, total = objective(net, x0, x1, step, ctx, y=y) if w is None else objective(net, x0, x1, step, ctx, y=y, w=w)
         opt.zero_grad(set_to_none=True)
         total.backward()
         if cfg.grad_clip > 0:

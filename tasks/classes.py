@@ -57,15 +57,20 @@ def judge(layout: Layout, classes: int, dev: torch.device) -> Judge:
     if len(train.shape) == 3 and stem.with_suffix(".safetensors").is_file():
         from rectflow.fd import extract_features, frechet_distance, load_feature_net
 
+        from rectflow.data import prepared_meta
+
         net = load_feature_net(stem).to(dev).eval()
         ref_y = train.labels.numpy()
+        # the label of each of the network's outputs (prepare records it; the identity for digits)
+        out_labels = torch.as_tensor((prepared_meta(layout.prepared).get("features") or {}).get(
+            "output_labels") or list(range(net.n_classes)))
         ref_feats = extract_features(net.cpu(), train.data.numpy())
         net = net.to(dev)
 
         @torch.inference_mode()
         def predict(x: torch.Tensor) -> np.ndarray:
             out = [net(x[i : i + 1024].to(dev).float()).argmax(1).cpu() for i in range(0, len(x), 1024)]
-            return torch.cat(out).numpy()
+            return out_labels[torch.cat(out)].numpy()
 
         def fd_of(x: torch.Tensor, k: int) -> float:
             feats = extract_features(net.cpu(), x.detach().float().cpu().numpy())

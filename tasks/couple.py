@@ -108,9 +108,9 @@ class ShardJob:
     def __call__(self, index: int, rows: int) -> tuple[int, dict[str, Any]]:
         torch.set_num_threads(1)  # one thread per worker process: the cluster is the parallelism
         model, source, shape, dev, times, target, labels = self._inputs()
-        z0, z1, nfe, y = generate_shard(self.p, model, source, shape, self.round_k, index, rows, dev, times, target,
-                                        labels)
-        return index, _write(Path(self.staging), index, z0, z1, nfe, lambda i, e: None, self.remote, y)
+        z0, z1, nfe, *cond = generate_shard(self.p, model, source, shape, self.round_k, index, rows, dev, times, target,
+                                            labels)
+        return index, _write(Path(self.staging), index, z0, z1, nfe, lambda i, e: None, self.remote, *cond)
 
     def _inputs(self) -> tuple[Any, Any, tuple[int, ...], Any, Any, Any, Any]:
         key = (self.root, self.round_k, self.model_sha, self.schedule_sha)
@@ -169,22 +169,24 @@ def solver_record(p: Params, times: torch.Tensor | None) -> dict[str, Any]:
 @torch.inference_mode()
 def solve_pairs(
     model: nn.Module, z0: torch.Tensor, p: Params, dev: torch.device, times: torch.Tensor | None = None,
-    reverse: bool = False, y: torch.Tensor | None = None, guidance: float = 1.0,
+    reverse: bool = False, y: torch.Tensor | None = None, guidance: float | torch.Tensor = 1.0,
 ) -> tuple[torch.Tensor, int]:
     """Z1 = ODE(Z0) for ``z0`` ``(n, *shape)`` in batches; returns (z1 on CPU, NFE summed over batches).
     ``reverse``: the inversion Z0 = ODE_{1→0}(Z1) of states ``z0`` at t = 1 instead.
 
     ``times`` ``(K + 1,)``: the fixed-step solver's time grid (a BOSS schedule, run backwards when
     ``reverse``); None: ``couple.steps`` uniform steps (or adaptive RK45). ``y`` ``(n,)``: the rows'
-    labels for a conditional flow, guided at scale ``guidance`` (:class:`rectflow.guidance.Guided`;
-    NFE then counts network forwards per sample, 2 per evaluation when both branches run).
+    labels for a conditional flow, guided at scale ``guidance`` (one, or ``(n,)``: one per row;
+    :class:`rectflow.guidance.Guided`; NFE then counts network forwards per sample, 2 per evaluation
+    when both branches run).
     """
     c = p.couple
     out, nfe = [], 0
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=c.precision == "bf16")
     for b in range(0, len(z0), c.batch_size):
         zb = z0[b : b + c.batch_size].to(dev, non_blocking=True)
-        v = model if y is None else Guided(model, y[b : b + c.batch_size].to(dev, non_blocking=True), guidance)
+        wb = guidance[b : b + c.batch_size].to(dev, non_blocking=True) if isinstance(guidance, torch.Tensor) else guidance
+        v = model if y is None else Guided(model, y[b : b + c.batch_size].to(dev, non_blocking=True), wb)
         with autocast:
             sol = solve(v, zb, c.solver, c.steps, times=times, rtol=c.rtol, atol=c.atol, reverse=reverse)
         out.append(sol.x.float().cpu())
@@ -207,23 +209,34 @@ class Labelling:
     """How a conditional round labels its pairs: ``classes`` K, the label draw of noise pairs
     (``couple.labels``: uniform, or ``frequencies`` of the target's training split), and the
     guidance scale w of the teacher (``couple.guidance`` for round 1; 1 for the reflowed flows,
-    which learned the guided field)."""
+    which learned the guided field); with ``w_range`` (``distill.guidance_input``) each pair's own
+    w ~ U(lo, hi) instead, stored in the shards' column ``w`` (a teacher that takes w gets it as input)."""
 
     classes: int
     draw: str
     guidance: float
     frequencies: tuple[float, ...]
+    w_range: tuple[float, float] | None = None
 
-    def draw_labels(self, n: int, seed: int) -> torch.Tensor:
-        """``(n,)`` int64 labels of ``n`` noise pairs from their own seed."""
+    def draw_labels(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(n,)`` int64 labels of ``n`` noise pairs from their own seed, and their ``(n,)`` scales
+        (None: every pair at ``guidance``)."""
         gen = torch.Generator().manual_seed(seed)
         if self.draw == "frequency":
-            return torch.multinomial(torch.tensor(self.frequencies, dtype=torch.float64), n, True, generator=gen)
-        return torch.randint(0, self.classes, (n,), generator=gen)
+            y = torch.multinomial(torch.tensor(self.frequencies, dtype=torch.float64), n, True, generator=gen)
+        else:
+            y = torch.randint(0, self.classes, (n,), generator=gen)
+        if self.w_range is None:
+            return y, None
+        lo, hi = self.w_range
+        return y, lo + (hi - lo) * torch.rand(n, generator=gen)
 
     def record(self) -> dict[str, Any]:
-        """The manifest's ``labels``: what the shards' ``y`` column means and how it was drawn."""
-        return {"classes": self.classes, "draw": self.draw, "guidance": self.guidance, "column": "y"}
+        """The manifest's ``labels``: what the shards' ``y`` (and ``w``) columns mean and how they were drawn."""
+        if self.w_range is None:
+            return {"classes": self.classes, "draw": self.draw, "guidance": self.guidance, "column": "y"}
+        return {"classes": self.classes, "draw": self.draw, "guidance": "per pair", "w_range": list(self.w_range),
+                "column": "y", "column_w": "w"}
 
 
 def labelling(p: Params, card: dict[str, Any], target: Distribution | None, round_k: int,
@@ -235,7 +248,8 @@ def labelling(p: Params, card: dict[str, Any], target: Distribution | None, roun
     if target is None:
         target = load_prepared(layout.prepared, "target", "train")
     freqs = tuple(float(f) for f in target.frequencies().tolist())
-    return Labelling(classes, p.couple.labels, p.couple.guidance if round_k == 1 else 1.0, freqs)
+    w_range = tuple(p.distill.guidance_range) if p.distill.guidance_input else None
+    return Labelling(classes, p.couple.labels, p.couple.guidance if round_k == 1 else 1.0, freqs, w_range)  # type: ignore[arg-type]
 
 
 def label_seed(seed: int, round_k: int, index: int) -> int:
@@ -270,15 +284,18 @@ def generate_shard(
     p: Params, model: nn.Module, source: Distribution, shape: tuple[int, ...], round_k: int, index: int,
     rows: int, dev: torch.device, times: torch.Tensor | None = None, target: Distribution | None = None,
     labels: Labelling | None = None,
-) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:
+) -> tuple[np.ndarray, ...]:
     """Shard ``index``: z0 ``(rows, *shape)`` from its own seed and z1 = ODE(z0) on ``times`` (see
     :func:`solve_pairs`); with ``couple.source`` inversion or mixed, its first
     :func:`inversion_count` pairs are (ODE_{1→0}(x1), x1) for real rows x1 of ``target`` instead.
     A conditional round (``labels``) draws each noise pair's label from its own seed and solves the
-    guided teacher; inversion pairs keep their real row's label. Returns (z0, z1, NFE, y or None)."""
+    guided teacher; inversion pairs keep their real row's label (and draw their scale after the noise
+    pairs'). Returns (z0, z1, NFE), then y and, with per-pair scales, w."""
     n_inv = inversion_count(p.couple, rows)
-    y = None if labels is None else labels.draw_labels(rows - n_inv, label_seed(p.seed, round_k, index))
-    w = 1.0 if labels is None else labels.guidance
+    y, ws = (None, None) if labels is None else labels.draw_labels(rows, label_seed(p.seed, round_k, index))
+    if y is not None:  # the first rows - n_inv are the noise pairs'
+        y = y[: rows - n_inv]
+    w: float | torch.Tensor = 1.0 if labels is None else labels.guidance if ws is None else ws[: rows - n_inv]
     z0 = sample_source(source, rows - n_inv, shard_seed(p.seed, round_k, index), shape, y)
     try:
         z1, nfe = solve_pairs(model, z0, p, dev, times, y=y, guidance=w) if rows > n_inv else (z0, 0)
@@ -288,9 +305,12 @@ def generate_shard(
             pick = inversion_rows(len(target.data), shard_seed(p.seed, round_k, -1), start, n_inv)
             x1 = target.data.index_select(0, pick).reshape(n_inv, *shape).float()
             y1 = None if labels is None or target.labels is None else target.labels.index_select(0, pick)
-            x0, nfe_inv = solve_pairs(model, x1, p, dev, times, reverse=True, y=y1, guidance=w)
+            w1 = w if ws is None else ws[rows - n_inv:]
+            x0, nfe_inv = solve_pairs(model, x1, p, dev, times, reverse=True, y=y1, guidance=w1)
             z0, z1, nfe = torch.cat([x0, z0]), torch.cat([x1, z1]), nfe + nfe_inv
             y = None if y is None or y1 is None else torch.cat([y1, y])
+            if ws is not None and isinstance(w, torch.Tensor) and isinstance(w1, torch.Tensor):
+                w = torch.cat([w1, w])
     except RunFailedError as e:
         raise RunFailedError(f"rf{round_k}: {shard_name(index)} of round {round_k}: {e}; nothing of it was written "
                              "(retrain the flow, or use another solver)") from None
@@ -301,7 +321,8 @@ def generate_shard(
         raise RunFailedError(f"rf{round_k}: {shard_name(index)} of round {round_k} came out NaN or infinite in "
                              f"{int(bad.sum())} of {rows} rows: models/rf{round_k} diverges under couple.solver {how}; "
                              "that shard was not written (retrain the flow, or use another solver)")
-    return z0.numpy(), z1.numpy(), nfe, None if y is None else y.numpy()
+    cond = () if y is None else (y.numpy(),) if ws is None else (y.numpy(), w.numpy())  # type: ignore[union-attr]
+    return (z0.numpy(), z1.numpy(), nfe, *cond)
 
 
 def _rows_sha(x: torch.Tensor) -> str:
@@ -483,10 +504,11 @@ def run_round(p: Params, layout: Layout, round_k: int, shard_executor: ShardExec
         with ThreadPoolExecutor(max_workers=1) as writer:
             pending: Future | None = None
             for i in todo:
-                z0, z1, nfe, y = generate_shard(p, model, source, shape, round_k, i, rows[i], dev, times, target, labels)
+                z0, z1, nfe, *cond = generate_shard(p, model, source, shape, round_k, i, rows[i], dev, times, target,
+                                                    labels)
                 if pending is not None:
                     pending.result()
-                pending = writer.submit(_write, staging, i, z0, z1, nfe, publish, remote, y)
+                pending = writer.submit(_write, staging, i, z0, z1, nfe, publish, remote, *cond)
                 print(f"[couple] round {round_k}: shard {i + 1}/{len(rows)} solved (NFE {nfe})", file=sys.stderr, flush=True)
             if pending is not None:
                 pending.result()
@@ -553,14 +575,14 @@ def _restore_round(layout: Layout, round_k: int, fp: str, staging: Path) -> bool
 
 def _write(
     staging: Path, i: int, z0: np.ndarray, z1: np.ndarray, nfe: int, publish, remote: RemoteRound | None = None,
-    y: np.ndarray | None = None,
+    y: np.ndarray | None = None, w: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Write shard ``i`` (with its labels ``y``, in a conditional round) into ``staging``
     (``publish(i, entry)`` runs before it takes its final name), then upload it to ``remote`` if
     given. The same code for one worker and for Dask tasks."""
     d = z1.reshape(len(z1), -1).astype(np.float64) - z0.reshape(len(z0), -1)
     extra = {"nfe": int(nfe), "cost_sum": float((d * d).sum())}
-    entry = write_shard(staging, i, z0, z1, before_publish=lambda e: publish(i, e | extra), y=y) | extra
+    entry = write_shard(staging, i, z0, z1, before_publish=lambda e: publish(i, e | extra), y=y, w=w) | extra
     if remote is not None:
         remote.put_file(staging / entry["name"])
     return entry

@@ -38,7 +38,8 @@ def student_arch(p: Params, teacher_arch: dict[str, Any]) -> dict[str, Any]:
     d = p.distill
     arch = (teacher_arch if d.student is None
             else arch_from_params(d.student, tuple(teacher_arch["shape"]), key="distill.student",
-                                  classes=int(teacher_arch.get("classes", 0))))
+                                  classes=int(teacher_arch.get("classes", 0)))
+            | ({"guidance_input": True} if teacher_arch.get("guidance_input") else {}))
     return arch | {"average": True} if d.method == "meanflow" else arch  # time_embed % 4: checked in config
 
 

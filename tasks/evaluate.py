@@ -44,11 +44,13 @@ from tasks.classes import EvalLabels, bind_eval_labels, class_grid, class_report
 GUIDANCE_STEPS = 100  # Euler steps of the guidance curve's teacher (rf1)
 
 
-def guidance_of(p: Params, name: str) -> float:
+def guidance_of(p: Params, name: str, card: dict[str, Any] | None = None) -> float:
     """The guidance scale a conditional model is evaluated at: rf1 at ``couple.guidance`` (the
     teacher of the pairs, as the pairs saw it); the reflowed flows and the students at 1 (they
-    learned the guided field from those pairs: InstaFlow's guidance-free student)."""
-    return p.couple.guidance if name == "rf1" else 1.0
+    learned the guided field from those pairs: InstaFlow's guidance-free student), except models
+    that take w as an input (``distill.guidance_input``), also at ``couple.guidance``."""
+    takes_w = bool(card and card["arch"].get("guidance_input"))
+    return p.couple.guidance if name == "rf1" or takes_w else 1.0
 
 EVAL_SEED_OFFSET = 10_007
 
@@ -111,7 +113,7 @@ def run(p: Params, layout: Layout) -> dict:
     def get(name: str) -> tuple[nn.Module, dict[str, Any]]:
         if name not in cache:  # a conditional model comes bound to the evaluation labels (tasks.classes)
             model, card = load_model(layout.model(name), dev)
-            cache[name] = (bind_eval_labels(model, card, guidance_of(p, name)), card)
+            cache[name] = (bind_eval_labels(model, card, guidance_of(p, name, card)), card)
         return cache[name]
 
     steps_of = {m: get(m)[1]["meta"].get("steps", 1) for m in groups["students"]}

@@ -23,14 +23,21 @@ def train_on_pairs(p: Params, layout: Layout, round_k: int, schedule: bool = Tru
     from rectflow.nets import read_model_card
 
     card = read_model_card(layout.model(parent))
-    model = build_model(card["arch"])
-    model.load_state_dict(load_state(layout.model(parent)))
+    arch = card["arch"]
+    if p.distill.guidance_input and arch.get("classes") and not arch.get("guidance_input"):
+        # Guidance distillation: the reflowed flow takes each pair's w; rf1's weights start it, and
+        # the new embedding of w starts at zero (rectflow.layers.Conditioning), so it starts as rf1.
+        arch = arch | {"guidance_input": True}
+    model = build_model(arch)
+    missing = set(model.state_dict()) - set(load_state(layout.model(parent)))
+    model.load_state_dict(load_state(layout.model(parent)), strict=not missing)
+    assert all(k.startswith("cond.scale.") for k in missing), missing
     batches = open_pairs(p, layout, round_k, seed=p.seed + round_k, dev=dev, model=parent)  # local, else S3
     man = batches.man
     inputs = {parent: model_sha(layout, parent), f"round-{round_k}": man["fingerprint"]}
     name = f"rf{round_k + 1}"
     record = train_and_save(
-        p=p, layout=layout, name=name, model=model, arch=card["arch"], batches=batches,
+        p=p, layout=layout, name=name, model=model, arch=arch, batches=batches,
         cfg=p.reflow, seed=p.seed + round_k, inputs=inputs, dev=dev,
         meta={"role": "flow", "round": round_k + 1, "parent": parent, "pairs": batches.n_pairs, "source": p.data.source},
     )

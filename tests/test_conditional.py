@@ -134,3 +134,29 @@ def test_conditional_true_without_labels_is_one_line(tmp_path: Path) -> None:
     assert r.returncode == 2 and "data.conditional" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "data/prepared/meta.json").exists()
+
+
+def test_guidance_input_chain_pairs_carry_w_and_the_student_takes_it(cond_ws: Path, tmp_path: Path) -> None:
+    """distill.guidance_input: every pair at its own w ~ U(range) (column w), rf2 and the student
+    take w as an input; the student then serves any scale at one forward."""
+    ws = copy_ws(cond_ws, tmp_path / "gi")
+    over = COND + ["couple.n_pairs=2000", "couple.shard_size=1000", "couple.batch_size=1000", "couple.solver=euler",
+                   "couple.steps=10", "distill.guidance_input=true", "distill.guidance_range=[0.0, 4.0]",
+                   "reflow.steps=30", "reflow.batch_size=128", "distill.steps=30", "distill.batch_size=128"]
+    for stage in ("couple", "reflow", "distill"):
+        r = run(ws, stage, over)
+        assert r.returncode == 0, r.stderr
+    man = json.loads((ws / "data/couplings/round-1/manifest.json").read_text())
+    assert man["labels"]["column_w"] == "w" and man["labels"]["w_range"] == [0.0, 4.0]
+    assert all(e["nfe"] == 2 * 10 for e in man["shards"])  # rf1 guided: both branches at every w
+    w = pq.read_table(ws / "data/couplings/round-1/shard-00000.parquet").column("w").to_numpy()
+    assert w.dtype == np.float32 and 0.0 <= w.min() and w.max() <= 4.0 and w.std() > 0.5
+    man2 = json.loads((ws / "data/couplings/round-2/manifest.json").read_text())
+    assert all(e["nfe"] == 10 for e in man2["shards"])  # rf2 takes w as input: one forward per step
+    for name in ("rf2", "distilled"):
+        assert json.loads((ws / f"models/{name}.json").read_text())["arch"]["guidance_input"] is True
+    r = subprocess.run([__import__("sys").executable, "-m", "flows.cli", "sample", "--model", "models/distilled",
+                        "--n", "16", "--label", "2", "--guidance", "3", "--out", "g.parquet"],
+                       cwd=ws, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(pq.read_table(ws / "g.parquet").schema.metadata[b"rectflow"])["nfe"] == 1

@@ -102,6 +102,10 @@ def test_guidance_input_network_takes_w() -> None:
             "guidance_input": True}
     net = build_model(arch)
     x, y = torch.randn(5, 2), torch.tensor([0, 1, 2, 0, 1])
+    # the scale's output layer starts at zero: the same field for every w until trained
+    assert torch.equal(net(x, 0.5, y=y, w=1.0), net(x, 0.5, y=y, w=3.0))
+    with torch.no_grad():
+        net.cond.scale[1].weight.normal_()
     a, b = net(x, 0.5, y=y, w=1.0), net(x, 0.5, y=y, w=3.0)
     assert not torch.equal(a, b)
     g = Guided(net, y, 3.0)
@@ -126,7 +130,7 @@ def test_shards_round_trip_labels_bit_for_bit_and_stream_them_aligned(tmp_path: 
         y = rng.integers(0, 8, 50)
         z1 = z0 + y[:, None].astype(np.float32)  # z1 − z0 encodes the label: alignment is checkable
         entries.append(write_shard(tmp_path, i, z0, z1, y=y))
-        got = read_shard(tmp_path, entries[-1], (2,), labels=True)
+        got = read_shard(tmp_path, entries[-1], (2,), labels=("y",))
         assert np.array_equal(got[0], z0) and np.array_equal(got[1], z1) and np.array_equal(got[2], y)
         assert got[2].dtype == np.int64
         all_y.append(y)
@@ -148,5 +152,5 @@ def test_a_labelled_manifest_refuses_shards_without_labels(tmp_path: Path) -> No
     man = {"format": 1, "round": 1, "shape": [2], "dim": 2, "n_pairs": 4, "shard_size": 4, "complete": True,
            "labels": {"classes": 2}, "shards": [e]}
     (tmp_path / "manifest.json").write_text(json.dumps(man))
-    with pytest.raises(ManifestError, match="no label column 'y'"):
+    with pytest.raises(ManifestError, match="has no column 'y'"):
         PairStream(tmp_path, seed=0)

@@ -35,7 +35,7 @@ def test_the_logged_model_generates_inverts_and_regenerates(ws: Path, tmp_path: 
     with mlflow.start_run():
         info = log_onestep(ws / "models/distilled", ws / "models/rf1", "onestep-test")
     model = mlflow.pyfunc.load_model("models:/onestep-test/1")
-    assert {p.name for p in model.metadata.get_params_schema().params} == {"direction", "solver", "steps"}
+    assert {p.name for p in model.metadata.get_params_schema().params} == {"direction", "solver", "steps", "label", "guidance"}
     flow, _ = load_model(ws / "models/rf1")
     g = torch.Generator().manual_seed(0)
     z0, x1 = torch.randn(64, 2, generator=g), torch.randn(64, 2, generator=g)
