@@ -222,7 +222,7 @@ def _guidance_curve(p: Params, layout: Layout, groups: dict[str, list[str]], get
     for name, steps in [("rf1", GUIDANCE_STEPS), *takers]:
         model = get(name)[0]
         for w in p.evaluate.guidance:
-            v = model.__class__(model.inner, classes, w) if isinstance(model, EvalLabels) else model
+            v = EvalLabels(model.inner, classes, w) if isinstance(model, EvalLabels) else model
             with torch.inference_mode():
                 sol = solve(v, z0, "euler", steps)
             x = sol.x.float()

@@ -123,9 +123,10 @@ def test_a_label_for_an_unconditional_model_is_refused(tmp_path: Path) -> None:
     over = [*OVERRIDES, "pretrain.steps=5"]
     for stage in ("prepare", "pretrain"):
         assert run(ws, stage, over).returncode == 0
-    r = _sample(ws, "--n", "4", "--label", "0", "--out", "x.parquet")
-    assert r.returncode == 2 and "--model models/rf1 is unconditional" in r.stderr, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    for flags in (["--label", "0"], ["--guidance", "2"]):
+        r = _sample(ws, "--n", "4", *flags, "--out", "x.parquet")
+        assert r.returncode == 2 and "--model models/rf1 is unconditional" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and not (ws / "x.parquet").exists()
 
 
 def test_conditional_true_without_labels_is_one_line(tmp_path: Path) -> None:
