@@ -194,7 +194,8 @@ def run(p: Params, layout: Layout) -> dict:
     if classes:
         extra["guidance"] = _guidance_curve(p, layout, groups, get, z0, ref, classes, judge_(), fd_ctx, images)
     if images:
-        extra["inpainting"] = _inpainting(p, layout, groups["flows"][-1], get, ref.to(dev), fd_ctx)
+        labels = None if target.labels is None else target.labels[: e.n_samples].to(dev)
+        extra["inpainting"] = _inpainting(p, layout, groups["flows"][-1], get, ref.to(dev), fd_ctx, labels)
     atomic_write_json(layout.metrics / "eval.json", {"rows": rows, **extra})
     summary = _summary(p, layout, rows, z0, ref) | _recon_summary(recon, groups["flows"])
     for r in extra.get("inpainting", []):
@@ -304,16 +305,21 @@ def _reconstruction(p: Params, flows: list[str], get, test: torch.Tensor, images
     return out
 
 
-def _inpainting(p: Params, layout: Layout, teacher: str, get, x: torch.Tensor, fd_ctx) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
+def _inpainting(p: Params, layout: Layout, teacher: str, get, x: torch.Tensor, fd_ctx,  # type: ignore[no-untyped-def]
+                labels: torch.Tensor | None = None) -> list[dict[str, Any]]:
     """Rows (model, mask, nfe, masked_mse, fd) of FlowChef inpainting (:mod:`rectflow.steer`) of the
     held-out images ``x`` under the fixed masks, by ``teacher`` at ``evaluate.inpaint_steps`` steered
     Euler steps and by the one-step student with one correction; ``plots/inpainting.png``: per mask,
-    rows of truth, masked input, teacher's and student's completions."""
+    rows of truth, masked input, teacher's and student's completions. A conditional run completes
+    each image under its own label (``labels``)."""
     from rectflow.imaging import save_grid_png
     from rectflow.steer import inpainting_report, standard_masks
 
     fd_fn = (lambda y: fd_ctx(y)["fd"]) if fd_ctx is not None else None
-    rep = inpainting_report((teacher, get(teacher)[0]), ("distilled", get("distilled")[0]), x,
+    def own(model):  # type: ignore[no-untyped-def]  # a conditional model completes each image under its own label
+        return model.guided(labels) if isinstance(model, EvalLabels) and labels is not None else model
+
+    rep = inpainting_report((teacher, own(get(teacher)[0])), ("distilled", own(get("distilled")[0])), x,
                             standard_masks(tuple(x.shape[1:]), seed=p.seed), steps=p.evaluate.inpaint_steps,
                             fd_fn=fd_fn, seed=p.seed + EVAL_SEED_OFFSET)
     save_grid_png(rep.grid, layout.plots / "inpainting.png", nrow=rep.nrow, scale=3)
