@@ -105,7 +105,7 @@ def class_report(x: torch.Tensor, y: torch.Tensor, classes: int, j: Judge) -> di
     for k in range(classes):
         mine = yy == k
         per_acc.append(float(hit[mine].mean()) if mine.any() else None)
-        per_q.append(j.quality(x[torch.from_numpy(mine)], k) if mine.sum() >= 2 else None)
+        per_q.append(j.quality(x[torch.from_numpy(mine).to(x.device)], k) if mine.sum() >= 2 else None)
     return {"accuracy": float(hit.mean()), "accuracy_by": j.kind, "accuracy_net_sha256": j.sha256,
             "per_class": {"accuracy": per_acc, j.quality_key: per_q}}
 
@@ -116,7 +116,7 @@ def class_grid(x: torch.Tensor, y: torch.Tensor, classes: int, path: Path, per_r
 
     rows = []
     for k in range(classes):
-        mine = x[y.cpu() == k][:per_row].cpu()
+        mine = x[y.to(x.device) == k][:per_row].cpu()
         if len(mine) < per_row:  # fewer samples than a row: pad with blanks (−1: black)
             mine = torch.cat([mine, -torch.ones((per_row - len(mine), *x.shape[1:]))])
         rows.append(mine)
