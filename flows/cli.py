@@ -274,7 +274,10 @@ def _sample_labels(model: str, card: dict, n: int, label: int | None, labels: Pa
         if label is not None or labels is not None:
             fail(f"{flag}: --model {model} is unconditional (trained without labels); drop {flag}")
         return None
-    from rectflow.points import check_label_range, read_labels
+    import torch
+
+    from rectflow.points import read_labels
+    from rectflow.tables import check_labels
 
     if labels is not None:
         y = read_labels(labels)
@@ -282,7 +285,7 @@ def _sample_labels(model: str, card: dict, n: int, label: int | None, labels: Pa
         y = np.full(n, label, dtype=np.int64)
     else:
         y = np.arange(n, dtype=np.int64) % classes
-    return check_label_range(y, classes, f"{flag} (--model {model})")
+    return torch.from_numpy(check_labels(y, f"{flag} (--model {model})", classes, key=""))
 
 
 def _sample(model: str, out: Path, n: int, steps: int, solver: str, seed: int, schedule: str = "uniform",
@@ -427,9 +430,12 @@ def _move(model: str, inp: Path, out: Path, direction: str, steps: int, solver: 
         if "y" not in carried:
             raise ModelError(f"--in {inp}: --model {model} is conditional: {command} needs each point's class in a "
                              "Parquet column y")
-        from rectflow.points import check_label_range
+        import torch
 
-        labels = check_label_range(carried["y"], int(card["arch"]["classes"]), f"--in {inp}: column y")
+        from rectflow.tables import check_labels
+
+        labels = torch.from_numpy(check_labels(carried["y"], f"--in {inp}: column y", int(card["arch"]["classes"]),
+                                               key=""))
     y, nfe = run_points(net, x, direction, solver, None if solver == "rk45" else steps, times=times, batch_size=BATCH,
                         labels=labels)
     info = {"model": model, "command": command, "direction": direction, "solver": solver,

@@ -359,12 +359,6 @@ class Distribution:
         pick = start[yc] + (u * count[yc]).long().clamp_max(count[yc] - 1)
         return self.data.index_select(0, order[pick].to(self.data.device))
 
-    def frequencies(self) -> torch.Tensor:
-        """``(classes,)`` share of each class among the rows (uniform when unlabelled)."""
-        if self.labels is None:
-            return torch.full((max(self.classes, 1),), 1.0 / max(self.classes, 1))
-        return torch.bincount(self.labels.cpu(), minlength=self.classes).double() / len(self.labels)
-
     def to(self, device: torch.device | str) -> Distribution:
         return Distribution(self.shape, None if self.data is None else self.data.to(device),
                             None if self.labels is None else self.labels.to(device), self.classes)

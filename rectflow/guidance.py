@@ -24,23 +24,11 @@ from torch import Tensor, nn
 from rectflow.errors import InputError
 from rectflow.layers import LabelEmbedding, label_vector
 
-__all__ = ["Guided", "GuidanceError", "LabelEmbedding", "check_labels", "drop_labels", "label_vector"]
+__all__ = ["Guided", "GuidanceError", "LabelEmbedding", "drop_labels", "label_vector"]
 
 
 class GuidanceError(InputError, ValueError):
     """A label or guidance scale that the model cannot take (one line naming it)."""
-
-
-def check_labels(y: Tensor, classes: int, where: str = "labels", null_ok: bool = False) -> None:
-    """:class:`GuidanceError` unless every label lies in [0, ``classes``) (or is ∅ = ``classes``
-    with ``null_ok``). Syncs with the host once: for inputs at a boundary, not inside a loop."""
-    if y.numel() == 0:
-        return
-    lo, hi = int(y.min()), int(y.max())
-    top = classes + 1 if null_ok else classes
-    if lo < 0 or hi >= top:
-        bad = lo if lo < 0 else hi
-        raise GuidanceError(f"{where}: labels must lie in [0, {classes}), got {bad}")
 
 
 def drop_labels(y: Tensor, p: float, classes: int, generator: torch.Generator) -> Tensor:

@@ -170,12 +170,3 @@ def read_labels(path: Path, flag: str = "--labels") -> np.ndarray:
                         f"{tuple(y.shape)}")
     return y.astype(np.int64)
 
-
-def check_label_range(y: np.ndarray, classes: int, where: str) -> Tensor:
-    """``y`` as int64 ``(n,)`` if it holds integer labels in [0, ``classes``), else DataError naming ``where``."""
-    if y.ndim != 1 or y.dtype.kind not in "iu":
-        raise DataError(f"{where}: expected integer class labels, got {y.dtype}")
-    bad = (y < 0) | (y >= classes)
-    if bad.any():
-        raise DataError(f"{where}: labels must lie in [0, {classes}), got {int(y[bad][0])} at row {int(np.argmax(bad))}")
-    return torch.from_numpy(y.astype(np.int64))

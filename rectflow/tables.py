@@ -37,18 +37,19 @@ def expected_labels(classes: int | None) -> str:
     return f"labels must be integers in [0, {MAX_CLASSES if classes is None else classes})"
 
 
-def check_labels(y: np.ndarray, where: str, classes: int | None = None, row0: int = 0) -> np.ndarray:
+def check_labels(y: np.ndarray, where: str, classes: int | None = None, row0: int = 0,
+                 key: str = "data.classes") -> np.ndarray:
     """``y`` ``(n,)`` as int64 if it holds integers in [0, ``classes``) (or [0, :data:`MAX_CLASSES`)
-    when ``classes``, i.e. ``data.classes``, is None); else :class:`DataError`, one line naming
-    ``where`` (the file, column or key), what was expected and the first bad label and its row
-    (``row0``: the row of ``y[0]`` in the file)."""
+    when ``classes`` is None); else :class:`DataError`, one line naming ``where`` (the file, column,
+    key or flag), what was expected and the first bad label and its row (``row0``: the row of
+    ``y[0]`` in the file), and ``key``, where ``classes`` came from ("": a model's card, unnamed)."""
     if y.dtype.kind not in "iu":
         raise DataError(f"{where}: {expected_labels(classes)}, got dtype {y.dtype}")
     bad = (y < 0) | (y >= (MAX_CLASSES if classes is None else classes))
     if bad.any():
         first = int(bad.argmax())
-        key = "" if classes is None else f" (data.classes: {classes})"
-        raise DataError(f"{where}: {expected_labels(classes)}, got {y[first]} at row {first + row0}{key}")
+        said = "" if classes is None or not key else f" ({key}: {classes})"
+        raise DataError(f"{where}: {expected_labels(classes)}, got {y[first]} at row {first + row0}{said}")
     return y.astype(np.int64)
 
 

@@ -134,7 +134,7 @@ class ShardJob:
                 times = round_times(self.p, layout, self.round_k)
             source = load_prepared(layout.prepared, "source", "train")
             target = real_rows(self.p, layout)
-            labels = labelling(self.p, card, target, self.round_k, layout)
+            labels = labelling(self.p, card, self.round_k, layout)
             _WORKER_CACHE.clear()
             _WORKER_CACHE[key] = (model, source, tuple(card["arch"]["shape"]), dev, times, target, labels)
         return _WORKER_CACHE[key]
@@ -239,15 +239,15 @@ class Labelling:
                 "column": "y", "column_w": "w"}
 
 
-def labelling(p: Params, card: dict[str, Any], target: Distribution | None, round_k: int,
-              layout: Layout) -> Labelling | None:
-    """The round's :class:`Labelling` when its flow is conditional (``classes`` in its card), else None."""
+def labelling(p: Params, card: dict[str, Any], round_k: int, layout: Layout) -> Labelling | None:
+    """The round's :class:`Labelling` when its flow is conditional (``classes`` in its card), else
+    None; the class frequencies are prepare's record of the target's training split."""
     classes = int(card["arch"].get("classes", 0))
     if not classes:
         return None
-    if target is None:
-        target = load_prepared(layout.prepared, "target", "train")
-    freqs = tuple(float(f) for f in target.frequencies().tolist())
+    from rectflow.data import prepared_meta
+
+    freqs = tuple(float(f) for f in prepared_meta(layout.prepared)["labels"]["frequencies"])
     w_range = tuple(p.distill.guidance_range) if p.distill.guidance_input else None
     return Labelling(classes, p.couple.labels, p.couple.guidance if round_k == 1 else 1.0, freqs, w_range)  # type: ignore[arg-type]
 
@@ -391,7 +391,7 @@ def run_round(p: Params, layout: Layout, round_k: int, shard_executor: ShardExec
                         "rerun prepare and pretrain")
     times = round_times(p, layout, round_k)
     target = real_rows(p, layout)
-    labels = labelling(p, card, target, round_k, layout)
+    labels = labelling(p, card, round_k, layout)
     # A uniform round keeps the fingerprint it had before schedules existed; a BOSS round adds its
     # grid, so a round made on another schedule (or another K) is never reused. Likewise noise
     # pairs keep theirs; inversion pairs add the source of pairs and the real rows' sha256.

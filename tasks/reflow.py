@@ -29,9 +29,10 @@ def train_on_pairs(p: Params, layout: Layout, round_k: int, schedule: bool = Tru
         # the new embedding of w starts at zero (rectflow.layers.Conditioning), so it starts as rf1.
         arch = arch | {"guidance_input": True}
     model = build_model(arch)
-    missing = set(model.state_dict()) - set(load_state(layout.model(parent)))
-    model.load_state_dict(load_state(layout.model(parent)), strict=not missing)
-    assert all(k.startswith("cond.scale.") for k in missing), missing
+    state = load_state(layout.model(parent))
+    missing = set(model.state_dict()) - set(state)
+    assert all(k.startswith("cond.scale.") for k in missing), missing  # only the new embedding of w
+    model.load_state_dict(state, strict=not missing)
     batches = open_pairs(p, layout, round_k, seed=p.seed + round_k, dev=dev, model=parent)  # local, else S3
     man = batches.man
     inputs = {parent: model_sha(layout, parent), f"round-{round_k}": man["fingerprint"]}

@@ -99,8 +99,8 @@ def test_sample_with_a_label_and_guidance_writes_the_labels(cond_ws: Path) -> No
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--label", "8"], "--label (--model models/rf1): labels must lie in [0, 8), got 8"),
-    (["--label", "-1"], "labels must lie in [0, 8), got -1"),
+    (["--label", "8"], "--label (--model models/rf1): labels must be integers in [0, 8), got 8 at row 0"),
+    (["--label", "-1"], "labels must be integers in [0, 8), got -1 at row 0"),
     (["--guidance", "-0.5"], "--guidance: expected a finite scale w ≥ 0, got -0.5"),
     (["--labels", "floats.npy"], "expected a non-empty 1-D array of integer class labels"),
     (["--label", "1", "--labels", "labels.npy"], "--label and --labels: give one"),

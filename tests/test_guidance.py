@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from rectflow.guidance import Guided, GuidanceError, check_labels, drop_labels
+from rectflow.guidance import Guided, GuidanceError, drop_labels
 from rectflow.nets import build_model
 from rectflow.pairs import PairStream, read_shard, write_shard
 from rectflow.solvers import solve
@@ -110,14 +110,6 @@ def test_guidance_input_network_takes_w() -> None:
     assert not torch.equal(a, b)
     g = Guided(net, y, 3.0)
     assert g.forwards == 1 and torch.equal(g(x, torch.full((5,), 0.5)), b)
-
-
-def test_check_labels_names_the_bad_label() -> None:
-    check_labels(torch.tensor([0, 2]), 3)
-    with pytest.raises(GuidanceError, match=r"\[0, 3\), got 3"):
-        check_labels(torch.tensor([0, 3]), 3)
-    with pytest.raises(GuidanceError, match="got -1"):
-        check_labels(torch.tensor([-1, 0]), 3)
 
 
 def test_shards_round_trip_labels_bit_for_bit_and_stream_them_aligned(tmp_path: Path) -> None:
