@@ -18,6 +18,15 @@ Time convention as everywhere (:mod:`rectflow`): x0 = Z0 is the source, x1 = Z1 
 The discriminator is a small convolutional net for images ``(c, h, w)`` (stride-2 4×4 convolutions
 down to a side of 2 or 3, then a linear layer) and an MLP for vectors ``(d,)``; it runs under the
 student's autocast (bf16 with ``precision: bf16``), its losses in fp32.
+
+A conditional student (labelled pairs, ``arch.classes`` = K) gets a *projection* discriminator
+(Miyato & Koyama 2018, "cGANs with Projection Discriminator")::
+
+    D(x, y) = ψ(φ(x)) + ⟨e_y, φ(x)⟩                     (φ: the body's features, ψ: its last linear layer)
+
+with a spectrally normalised class embedding e (K rows), so the adversarial term asks each x̂1 to look
+like the teacher's samples *of its own class*, not of any class. The real and fake halves of a batch
+carry the same labels (each pair's y), so D cannot tell them apart by the label alone.
 """
 
 from __future__ import annotations
@@ -48,9 +57,11 @@ class Discriminator(nn.Module):
         shape: ``(c, h, w)`` for images or ``(d,)`` for vectors.
         channels: base width; images double it at every downsampling (capped at 4×), vectors use
             two hidden layers of ``4 · channels``.
+        classes: K > 0: a projection discriminator ``D(x, y)`` over labels in [0, K) (its class
+            embedding is created after the body, so an unconditional D's weights are unchanged).
     """
 
-    def __init__(self, shape: tuple[int, ...], channels: int = 32) -> None:
+    def __init__(self, shape: tuple[int, ...], channels: int = 32, classes: int = 0) -> None:
         super().__init__()
         self.shape = tuple(int(s) for s in shape)
         if len(self.shape) == 3:
@@ -70,12 +81,24 @@ class Discriminator(nn.Module):
         else:
             raise ValueError(f"Discriminator: shape must be (c, h, w) or (d,), got {self.shape}")
         self.net = nn.Sequential(*layers)
+        self.classes = int(classes)
+        self.embed = (spectral_norm(nn.Embedding(self.classes, layers[-1].in_features))
+                      if self.classes > 0 else None)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """Scores ``(B,)`` of ``x`` ``(B, *shape)``; ``y`` ``(B,)`` int64 labels for a conditional D."""
         if tuple(x.shape[1:]) != self.shape:
             raise ValueError(f"Discriminator: x must have shape (B, {', '.join(map(str, self.shape))}), "
                              f"got {tuple(x.shape)}")
-        return self.net(x).squeeze(1)
+        if self.embed is None:
+            if y is not None:
+                raise ValueError("Discriminator: y: this discriminator is unconditional (classes=0)")
+            return self.net(x).squeeze(1)
+        if y is None or y.shape != (x.shape[0],):
+            raise ValueError(f"Discriminator: y must have shape ({x.shape[0]},) for a conditional discriminator, "
+                             f"got {None if y is None else tuple(y.shape)}")
+        feat = self.net[:-1](x)  # φ(x): (B, F)
+        return self.net[-1](feat).squeeze(1) + (self.embed(y).to(feat.dtype) * feat).sum(1)
 
 
 class Adversary:
@@ -89,11 +112,11 @@ class Adversary:
     """
 
     def __init__(self, shape: tuple[int, ...], weight: float, lr: float, channels: int, seed: int,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", classes: int = 0) -> None:
         self.weight = float(weight)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.disc = Discriminator(shape, channels).to(device)
+            self.disc = Discriminator(shape, channels, classes).to(device)
         self.opt = torch.optim.Adam(self.disc.parameters(), lr=lr, betas=(0.5, 0.999))
         self.net: nn.Module = self.disc
         self.params = list(self.disc.parameters())
@@ -106,13 +129,18 @@ class Adversary:
         dev = self.params[0].device
         self.net = DDP(self.disc, device_ids=[dev.index] if dev.type == "cuda" else None)
 
-    def student_term(self, fake: Tensor, real: Tensor) -> Tensor:
+    def student_term(self, fake: Tensor, real: Tensor, y: Tensor | None = None) -> Tensor:
         """One discriminator step, then the student's adversarial loss ``−λ·E[D(fake)]`` (a scalar).
 
-        ``fake`` ``(B, *shape)``: the student's x̂1 (with its graph); ``real`` ``(B, *shape)``: Z1.
+        ``fake`` ``(B, *shape)``: the student's x̂1 (with its graph); ``real`` ``(B, *shape)``: Z1;
+        ``y`` ``(B,)``: the pairs' labels, for a conditional (projection) discriminator only.
         """
         fake, real = fake.float(), real.float()
-        scores = self.net(torch.cat([real, fake.detach()])).float()  # one forward and backward (DDP-friendly)
+        if (y is not None) != (self.disc.classes > 0):
+            raise ValueError(f"Adversary: labels {'given to an unconditional' if y is not None else 'missing for a conditional'} "
+                             "discriminator")
+        both = {} if y is None else {"y": torch.cat([y, y])}
+        scores = self.net(torch.cat([real, fake.detach()]), **both).float()  # one forward and backward (DDP-friendly)
         d_loss = F.relu(1.0 - scores[: len(real)]).mean() + F.relu(1.0 + scores[len(real) :]).mean()
         self.opt.zero_grad(set_to_none=True)
         d_loss.backward()
@@ -122,7 +150,7 @@ class Adversary:
         for p in self.params:
             p.requires_grad_(False)
         try:
-            return -self.weight * self.disc(fake).float().mean()
+            return -self.weight * self.disc(fake, **({} if y is None else {"y": y})).float().mean()
         finally:
             for p in self.params:
                 p.requires_grad_(True)

@@ -110,7 +110,7 @@ class RectifiedFlowLoss:
             return loss, loss
         x_hat = xt + _bcast(1 - t, xt) * pred  # a NaN here reaches the weights, hence the next logged loss
         with ctx.autocast:
-            return loss, loss + self.adversary.student_term(x_hat, x1)
+            return loss, loss + self.adversary.student_term(x_hat, x1, y)
 
 
 def anneal_beta(step: int, steps: int, schedule: str) -> float:
@@ -207,7 +207,7 @@ class SlimFlowLoss:
         total = loss
         if self.adversary is not None:
             with ctx.autocast:
-                total = total + self.adversary.student_term(xt0 + _bcast(1 - t, xt0) * pred, x1)
+                total = total + self.adversary.student_term(xt0 + _bcast(1 - t, xt0) * pred, x1, y)
         if self.guide_weight <= 0:
             return loss, total
         with torch.no_grad():

@@ -86,8 +86,9 @@ def run(p: Params, layout: Layout) -> dict:
         batches = open_pairs(p, layout, last, seed=p.seed + 100 + k, dev=dev, model=parent)  # local, else S3
         man = batches.man
         adv = p.distill.adversarial
+        # a conditional student gets a projection discriminator D(x, y) (rectflow.adversarial)
         adversary = (Adversary(tuple(card["arch"]["shape"]), adv.weight, adv.lr, adv.channels, seed=p.seed + 200 + k,
-                               device=dev) if adv.weight > 0 else None)
+                               device=dev, classes=int(arch.get("classes", 0))) if adv.weight > 0 else None)
         out.append(train_and_save(
             p=p, layout=layout, name=name, model=model, arch=arch, batches=batches, cfg=cfg,
             seed=p.seed + 100 + k, inputs={parent: model_sha(layout, parent), f"round-{last}": man["fingerprint"]},

@@ -57,6 +57,53 @@ def test_same_seed_same_discriminator():
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+@pytest.mark.parametrize("shape", [(1, 8, 8), (2,)])
+def test_projection_discriminator_adds_the_class_term_and_keeps_the_unconditional_weights(shape):
+    """D(x, y) = ψ(φ(x)) + ⟨e_y, φ(x)⟩: with the class embedding zeroed it is the unconditional D of
+    the same seed (whose weights a conditional D shares, name for name); the score depends on y."""
+    torch.manual_seed(1)
+    plain = Discriminator(shape, 8)
+    torch.manual_seed(1)
+    cond = Discriminator(shape, 8, classes=3)
+    ps, cs = plain.state_dict(), cond.state_dict()
+    assert all(torch.equal(ps[k], cs[k]) for k in ps)
+    assert {k for k in cs if k not in ps} == {k for k in cs if k.startswith("embed.")}
+    x = torch.randn(6, *shape)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    cond.eval(), plain.eval()
+    with torch.no_grad():
+        a, b = cond(x, y), cond(x, (y + 1) % 3)
+        assert a.shape == (6,) and not torch.allclose(a, b)
+        feat = cond.net[:-1](x)
+        e = cond.embed(y)  # spectral-normalised rows
+        assert torch.allclose(a, cond.net[-1](feat).squeeze(1) + (e * feat).sum(1), atol=1e-6)
+        assert torch.allclose(a - (e * feat).sum(1), plain(x), atol=1e-6)
+    with pytest.raises(ValueError, match=r"y must have shape \(6,\)"):
+        cond(x)
+    with pytest.raises(ValueError, match="unconditional"):
+        plain(x, y)
+
+
+def test_conditional_adversary_learns_the_class_of_each_sample():
+    """Real samples of class c sit at +2 (c = 0) or −2 (c = 1); fakes of the *wrong* class's mean
+    are told apart only through the label: the projection D's hinge loss falls below chance, and the
+    student's gradient moves each fake towards its own class's mean."""
+    adv = Adversary((2,), weight=0.5, lr=2e-3, channels=16, seed=0, classes=2)
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(256) % 2
+    sign = (1.0 - 2.0 * y.float())[:, None]  # class 0: +1, class 1: −1
+    for _ in range(300):
+        real = torch.randn(256, 2, generator=gen) * 0.3 + 2.0 * sign
+        fake = (torch.randn(256, 2, generator=gen) * 0.3 - 2.0 * sign).requires_grad_(True)  # each at the other class
+        term = adv.student_term(fake, real, y)
+    assert float(adv.last_d_loss) < 1.0
+    term.backward()
+    step = -fake.grad  # descent direction per sample
+    assert (step[y == 0].mean(0) > 0).all() and (step[y == 1].mean(0) < 0).all()
+    with pytest.raises(ValueError, match="missing for a conditional"):
+        adv.student_term(fake, real)
+
+
 def _run(ckpt_dir, cfg, crash_at=None):
     target = Distribution((2,), torch.from_numpy(generate_2d("moons", 2000, 0)))
     torch.manual_seed(0)
