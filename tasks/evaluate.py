@@ -146,9 +146,13 @@ def run(p: Params, layout: Layout) -> dict:
         if schedule == "bellman":  # the flow's own BOSS grid for K = steps (a ModelError naming the file)
             assert steps is not None
             times = schedule_times(layout.model(name), steps, card["meta"].get("sha256"))
+        # A flow's uniform Euler row at evaluate.straightness_steps is the trajectory S(Z) is measured
+        # on: its velocities are kept and the flow is not integrated a second time for it.
+        shared = role == "flow" and solver == "euler" and steps == e.straightness_steps and schedule == "uniform"
+        velocity = _Recorder(model) if shared and name not in straight else model
         with torch.inference_mode():
             try:
-                sol = solve(model, z0, solver, steps, times=times, rtol=e.rtol, atol=e.atol)
+                sol = solve(velocity, z0, solver, steps, times=times, rtol=e.rtol, atol=e.atol)
             except RunFailedError as err:
                 raise RunFailedError(f"evaluate: {name} with {solver}: {err}") from None
             x = sol.x.float()
@@ -157,8 +161,9 @@ def run(p: Params, layout: Layout) -> dict:
                 raise RunFailedError(f"evaluate: {name} with {solver}{'' if steps is None else f', {steps} steps'} "
                                      f"made {bad} of {len(x)} samples NaN or infinite: models/{name} diverges "
                                      "(retrain it)")
-            if role == "flow" and name not in straight:
-                straight[name] = metrics.straightness(model, z0, e.straightness_steps)
+            if isinstance(velocity, _Recorder):
+                straight[name] = metrics.straightness_of(z0, sol.x, velocity.vs)
+                velocity.vs.clear()
             lat = metrics.latency_ms(
                 lambda: solve(model, lat_noise, solver, steps, times=times, rtol=e.rtol, atol=e.atol), e.latency_batch
             )
@@ -167,7 +172,7 @@ def run(p: Params, layout: Layout) -> dict:
         row = {
             "model": name, "solver": solver, "schedule": schedule, "nfe": int(sol.nfe),
             "w2": metrics.w2(x, ref), "mmd": metrics.mmd(x, ref, e.mmd_bandwidth),
-            "straightness": straight.get(name), "transport_cost": metrics.transport_cost(z0, x),
+            "straightness": None, "transport_cost": metrics.transport_cost(z0, x),  # (set below)
             "latency_ms": lat, "params": count_params(build_model(card["arch"])),
             "bytes": layout.model(name).with_suffix(".safetensors").stat().st_size,
         }
@@ -189,6 +194,12 @@ def run(p: Params, layout: Layout) -> dict:
         rows.append(row)
         print(f"[evaluate] {name:>16} {solver + row_tag(row):>16} nfe={row['nfe']:>4} w2={row['w2']:.4f}"
               + (f" acc={row['accuracy']:.3f}" if "accuracy" in row else ""), file=sys.stderr, flush=True)
+    for row in rows:  # each flow's S(Z): from its grid row above, else from its own Euler run
+        if get(row["model"])[1]["meta"].get("role", "flow") == "flow":
+            if row["model"] not in straight:
+                with torch.inference_mode():
+                    straight[row["model"]] = metrics.straightness(get(row["model"])[0], z0, e.straightness_steps)
+            row["straightness"] = straight[row["model"]]
     recon = _reconstruction(p, groups["flows"], get, target.data, images, target.labels)
     extra: dict[str, Any] = {"reconstruction": recon}
     if classes:
@@ -207,6 +218,21 @@ def run(p: Params, layout: Layout) -> dict:
     if images:
         _side_by_side(p, layout, groups, z0[:64], firsts, get)
     return summary
+
+
+class _Recorder:
+    """A velocity that keeps every output it returns (the solver's velocities, in order), with the
+    attributes the solvers read (``forwards``: guided forwards per call; ``average_velocity``)."""
+
+    def __init__(self, v: Any) -> None:
+        self.v, self.vs = v, []
+        self.forwards = int(getattr(v, "forwards", 1))
+        self.average_velocity = bool(getattr(v, "average_velocity", False))
+
+    def __call__(self, z: torch.Tensor, t: torch.Tensor, *rest: Any) -> torch.Tensor:
+        out = self.v(z, t, *rest)
+        self.vs.append(out)
+        return out
 
 
 def _guidance_curve(p: Params, layout: Layout, groups: dict[str, list[str]], get, z0: torch.Tensor,  # type: ignore[no-untyped-def]

@@ -137,3 +137,43 @@ def test_learning_rate_schedules():
     assert all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] > 0
     no_warmup = cos.model_copy(update={"warmup": 0})
     assert learning_rate(no_warmup, 0) == pytest.approx(1e-3) and learning_rate(no_warmup, 500) == pytest.approx(5e-4)
+
+
+def test_straightness_from_an_euler_row_is_the_same_bits_as_its_own_run():
+    """evaluate measures S(Z) on the flow's uniform Euler row (its velocities recorded) instead of
+    integrating the flow again: the figure must be bit-identical, guided velocities included."""
+    from rectflow.guidance import Guided
+    from rectflow.nets import MLPVelocity
+    from rectflow.solvers import solve
+    from tasks.evaluate import _Recorder
+
+    torch.manual_seed(0)
+    plain = MLPVelocity((2,), 32, 2, 16)
+    cond = MLPVelocity((2,), 32, 2, 16, classes=3)
+    with torch.no_grad():  # the null row starts at zero: give every class its own velocity
+        for prm in cond.cond.label.parameters():
+            prm.normal_()
+    z0 = torch.randn(64, 2)
+    for v in (plain, Guided(cond, torch.arange(64) % 3, 2.0)):
+        with torch.inference_mode():
+            rec = _Recorder(v)
+            sol = solve(rec, z0, "euler", 50)
+            assert sol.nfe == 50 * getattr(v, "forwards", 1) and len(rec.vs) == 50
+            assert torch.equal(sol.x, solve(v, z0, "euler", 50).x)
+            assert metrics.straightness_of(z0, sol.x, rec.vs) == metrics.straightness(v, z0, 50)
+
+
+def test_latency_times_a_long_call_once_and_a_short_one_best_of_repeats():
+    import time as _time
+
+    calls = []
+
+    def slow():
+        calls.append(1)
+        _time.sleep(0.25)
+
+    ms = metrics.latency_ms(slow, batch=10, long_s=0.2)
+    assert len(calls) == 1 and ms == pytest.approx(25.0, rel=0.5)
+    calls.clear()
+    metrics.latency_ms(lambda: calls.append(1), batch=10, repeats=3, warmup=2)
+    assert len(calls) == 1 + 1 + 3  # the first call (a warm-up), one more warm-up, three timed
