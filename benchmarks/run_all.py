@@ -1,4 +1,4 @@
-"""``make bench``: the four benchmarks in turn (quality, throughput, overhead, quantization).
+"""``make bench``: the benchmarks in turn (quality, throughput, overhead, quantization, the U-Net's speed).
 
 ``python -m benchmarks.run_all [--quick] [--only NAME ...] [--jobs N] [--wait-for-quiet SECONDS]``.
 Each writes ``benchmarks/results/NAME.json`` and its section of ``BENCHMARKS.md`` (``--quick``: a
@@ -17,7 +17,7 @@ import traceback
 
 from benchmarks import common
 
-ORDER = ("quality_2d", "throughput", "overhead", "quantization")
+ORDER = ("quality_2d", "throughput", "overhead", "quantization", "unet")
 OPTIONAL = ("ablation_digits",)  # run only when named with --only
 
 

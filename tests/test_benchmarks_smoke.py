@@ -139,3 +139,26 @@ def test_students_quick(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "results" / "students.quick.json").read_text())["aggregate"]
     assert not (tmp_path / "BENCHMARKS.md").exists()
     assert "| slimflow (small) |" in students.markdown(data)
+
+
+@pytest.mark.timeout(120)
+def test_unet_benchmark_quick(tmp_path, monkeypatch):
+    """The U-Net benchmark, smoke-sized: peaks, FLOPs per sample, every eager variant and the loop
+    comparison; MFU cells and the loop ratio are finite; results go to the quick JSON only."""
+    import json
+
+    from benchmarks import unet
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(common, "BENCHMARKS_MD", tmp_path / "BENCHMARKS.md")
+    data = unet.main(["--quick", "--batches", "16", "--fwd-batch", "32"])
+    assert data["flops"]["train"] > 2 * data["flops"]["forward"] > 0  # backward ≈ 2× forward
+    assert data["flops"]["params"] == 485_185  # the images profile's U-Net
+    assert {(v["precision"], v["channels_last"], v["compiled"]) for v in data["variants"]} == {
+        (p, cl, False) for p in ("fp32", "bf16") for cl in (False, True)}
+    assert all(v["forward_samples_per_s"] > 0 and v["train"]["16"]["samples_per_s"] > 0 for v in data["variants"])
+    assert [(r["batch"], r["precision"]) for r in data["loops"]] == [(16, "fp32"), (16, "bf16")]
+    assert all(0 < r["fraction_of_bare"] < 10 for r in data["loops"])
+    assert "| fp32 | NCHW | eager |" in unet.markdown(data)
+    assert json.loads((tmp_path / "results" / "unet.quick.json").read_text())["peaks"]["conv_bf16"] > 0
+    assert not (tmp_path / "BENCHMARKS.md").exists()
