@@ -296,7 +296,8 @@ def test_slimflow_adds_the_adversarial_term_in_distillation_only() -> None:
     class Fixed:
         calls = 0
 
-        def student_term(self, fake: Tensor, real: Tensor) -> Tensor:
+        def student_term(self, fake: Tensor, real: Tensor, y: Tensor | None = None) -> Tensor:
+            assert y is None  # unconditional pairs: no labels for the discriminator
             Fixed.calls += 1
             return torch.tensor(0.25)
 
