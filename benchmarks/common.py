@@ -116,6 +116,81 @@ def timed(fn, *args, **kwargs) -> tuple[Any, float]:
     return out, time.perf_counter() - t0
 
 
+# ---- training loops: rectflow's against a bare one -----------------------------------------------
+
+
+def sync(dev) -> None:  # type: ignore[no-untyped-def]
+    """Wait for the device's queued work (a no-op on a CPU), so that a wall-clock interval is honest."""
+    import torch
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def bare_train_rate(model, x0, x1, steps: int, warmup: int, precision: str, lr: float) -> float:  # type: ignore[no-untyped-def]
+    """Samples/s of forward + MSE + backward + AdamW on one fixed batch ``x0, x1: (B, *shape)`` (the
+    straight-path target ``x1 - x0`` at ``t ~ U(0, 1)``): no data pipeline, EMA, clipping or bookkeeping.
+    ``warmup`` untimed steps first; ``precision`` ``bf16`` runs the forward under autocast."""
+    import torch
+
+    dev = x0.device
+    model = model.to(dev).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, foreach=True)
+    t = torch.rand(len(x0), device=dev)
+    tb = t.reshape(-1, *([1] * (x0.ndim - 1)))
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def step() -> None:
+        xt = x0 + tb * (x1 - x0)
+        with autocast:
+            pred = model(xt, t)
+        loss = (pred.float() - (x1 - x0)).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(warmup):
+        step()
+    sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(dev)
+    return steps * len(x0) / (time.perf_counter() - t0)
+
+
+def rectflow_train_rate(make_model, source, target, overrides: Sequence[str], steps: int, warmup: int,  # type: ignore[no-untyped-def]
+                        device, work: Path) -> float:
+    """Samples/s of :func:`rectflow.train.train` exactly as the pretrain stage runs it (pairs of
+    ``source`` × ``target`` drawn each step, p(t), lr warm-up, clipping, EMA, loss bookkeeping), with
+    ``pretrain.*`` from params.yaml plus ``overrides``; a ``warmup``-step run of a fresh
+    ``make_model()`` first, as the bare loop's untimed steps."""
+    import shutil
+
+    from rectflow.params import load_params
+    from rectflow.sources import IndependentPairs
+    from rectflow.train import train
+
+    p = load_params(PARAMS, [*overrides, f"pretrain.steps={steps}", f"pretrain.checkpoint_every={steps + 1}"])
+    shutil.rmtree(work, ignore_errors=True)
+    train(make_model(), IndependentPairs(source, target, 1, device), p.pretrain.model_copy(update={"steps": warmup}),
+          name="warmup", seed=1, checkpoint_dir=work / "w", device=device)
+    res = train(make_model(), IndependentPairs(source, target, 0, device), p.pretrain, name="bench", seed=0,
+                checkpoint_dir=work / "c", device=device)
+    return res.samples_per_s
+
+
+def interleaved(first, second, repeats: int) -> tuple[list[float], list[float]]:  # type: ignore[no-untyped-def]
+    """``repeats`` rounds of ``first()`` then ``second()``: this VM's speed drifts within a minute, so
+    each round's two figures see the same machine and their ratio is the honest comparison."""
+    a: list[float] = []
+    b: list[float] = []
+    for _ in range(repeats):
+        a.append(first())
+        b.append(second())
+    return a, b
+
+
 # ---- statistics and tables -----------------------------------------------------------------------
 
 

@@ -82,27 +82,20 @@ def forward_rate(model, shape: tuple[int, ...], batch: int, precision: str, warm
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < warmup_s:
             out = model(z, t)
-        _sync(dev)
+        common.sync(dev)
         for _ in range(windows):
             n, t0 = 0, time.perf_counter()
             while True:
                 out = model(z, t)
                 n += 1
                 if n % 5 == 0:
-                    _sync(dev)
+                    common.sync(dev)
                     el = time.perf_counter() - t0
                     if el >= window_s:
                         break
             best = max(best, n * batch / el)
     del out
     return best
-
-
-def _sync(dev) -> None:
-    import torch
-
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def couple_case(root: Path, base: list[str], solver: str, precision: str, cfg: ThroughputConfig, model, shape) -> dict[str, Any]:
@@ -175,57 +168,30 @@ def bare_loop(hidden: int, depth: int, batch: int, steps: int, precision: str, l
     from rectflow.nets import MLPVelocity
 
     torch.manual_seed(0)
-    model = MLPVelocity((2,), hidden, depth, 64).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, foreach=True)
+    model = MLPVelocity((2,), hidden, depth, 64)
     x0 = torch.randn(batch, 2, device=device)
     x1 = torch.randn(batch, 2, device=device) + 2
-    t = torch.rand(batch, device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-    def step() -> None:
-        xt = x0 + t[:, None] * (x1 - x0)
-        with autocast:
-            pred = model(xt, t)
-        loss = (pred.float() - (x1 - x0)).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    for _ in range(max(10, steps // 3)):  # as long a warm-up as train() gets from its own first steps
-        step()
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(device)
-    return steps * batch / (time.perf_counter() - t0)
+    # as long a warm-up as train() gets from its own first steps
+    return common.bare_train_rate(model, x0, x1, steps, max(10, steps // 3), precision, lr)
 
 
-def pipeline_loop(hidden: int, depth: int, batch: int, steps: int, precision: str, device, workdir: Path) -> tuple[float, Any]:
+def pipeline_loop(hidden: int, depth: int, batch: int, steps: int, precision: str, device, workdir: Path) -> float:
     """Samples/s of :func:`rectflow.train.train` exactly as the pretrain stage runs it."""
     import torch
 
-    from rectflow.params import load_params
     from rectflow.data import Distribution, generate_2d
     from rectflow.nets import MLPVelocity
-    from rectflow.sources import IndependentPairs
-    from rectflow.train import train
 
-    p = load_params(common.PARAMS, [
-        f"pretrain.steps={steps}", f"pretrain.batch_size={batch}", f"pretrain.precision={precision}",
-        f"pretrain.checkpoint_every={steps + 1}", "pretrain.warmup=10",
-    ])
     target = Distribution((2,), torch.from_numpy(generate_2d("moons", 50_000, 0)))
-    source = Distribution((2,))
-    torch.manual_seed(0)
-    model = MLPVelocity((2,), hidden, depth, 64)
-    batches = IndependentPairs(source, target, 0, device)
-    shutil.rmtree(workdir, ignore_errors=True)
-    # warm-up: allocator and kernels, as the bare loop's first steps
-    train(MLPVelocity((2,), hidden, depth, 64), IndependentPairs(source, target, 1, device),
-          p.pretrain.model_copy(update={"steps": max(10, steps // 3)}), name="warmup", seed=1, checkpoint_dir=workdir / "w", device=device)
-    res = train(model, batches, p.pretrain, name="bench", seed=0, checkpoint_dir=workdir / "c", device=device)
-    return res.samples_per_s, p.pretrain
+
+    def make_model():  # type: ignore[no-untyped-def]
+        torch.manual_seed(0)
+        return MLPVelocity((2,), hidden, depth, 64)
+
+    return common.rectflow_train_rate(
+        make_model, Distribution((2,)), target,
+        [f"pretrain.batch_size={batch}", f"pretrain.precision={precision}", "pretrain.warmup=10"],
+        steps, max(10, steps // 3), device, workdir)
 
 
 def training_benchmark(cfg: ThroughputConfig) -> list[dict[str, Any]]:
@@ -238,13 +204,10 @@ def training_benchmark(cfg: ThroughputConfig) -> list[dict[str, Any]]:
         precisions = ["fp32"] + (["bf16"] if cfg.bf16 else [])
         for hidden, depth, batch in cfg.train_settings:
             for precision in precisions:
-                bare, piped = [], []
-                lr = 1e-3
                 load_before = common.loadavg()
-                for _ in range(cfg.repeats):  # interleaved rounds: each ratio pairs two neighbouring runs
-                    bare.append(bare_loop(hidden, depth, batch, cfg.train_steps, precision, lr, dev))
-                    rate, _ = pipeline_loop(hidden, depth, batch, cfg.train_steps, precision, dev, work)
-                    piped.append(rate)
+                bare, piped = common.interleaved(  # each ratio pairs two neighbouring runs
+                    lambda: bare_loop(hidden, depth, batch, cfg.train_steps, precision, 1e-3, dev),
+                    lambda: pipeline_loop(hidden, depth, batch, cfg.train_steps, precision, dev, work), cfg.repeats)
                 ratios = [p_ / b_ for p_, b_ in zip(piped, bare)]
                 r = {
                     "hidden": hidden, "depth": depth, "batch": batch, "precision": precision, "steps": cfg.train_steps,

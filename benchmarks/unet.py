@@ -38,24 +38,17 @@ NAME = "unet"
 SHAPE = (1, 8, 8)
 
 
-def _sync(dev) -> None:  # type: ignore[no-untyped-def]
-    import torch
-
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
 def _timeit(fn, dev, min_s: float, warmup: int = 3) -> float:  # type: ignore[no-untyped-def]
     """Seconds per call: ``warmup`` calls, then calls until ``min_s`` has passed (synchronised)."""
     for _ in range(warmup):
         fn()
-    _sync(dev)
+    common.sync(dev)
     n, t0 = 0, time.perf_counter()
     while True:
         fn()
         n += 1
         if n % 3 == 0:
-            _sync(dev)
+            common.sync(dev)
             el = time.perf_counter() - t0
             if el >= min_s:
                 return el / n
@@ -125,7 +118,7 @@ def variant(dev, precision: str, channels_last: bool, compiled: bool, batches: l
     def first(fn) -> float:  # type: ignore[no-untyped-def]
         t0 = time.perf_counter()
         fn()
-        _sync(dev)
+        common.sync(dev)
         return time.perf_counter() - t0
 
     rec["forward_first_call_s"] = first(fwd)
@@ -180,29 +173,8 @@ def bare_loop(dev, batch: int, steps: int, precision: str) -> float:  # type: ig
     """Samples/s of forward + MSE + backward + AdamW on one fixed batch (no data, EMA, clipping)."""
     import torch
 
-    m = build(dev, False).train()
-    opt = torch.optim.AdamW(m.parameters(), lr=5e-4, foreach=True)
     x0, x1 = torch.randn(batch, *SHAPE, device=dev), torch.rand(batch, *SHAPE, device=dev)
-    t = torch.rand(batch, device=dev)
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-    def step() -> None:
-        xt = x0 + t[:, None, None, None] * (x1 - x0)
-        with autocast:
-            pred = m(xt, t)
-        loss = (pred.float() - (x1 - x0)).square().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    for _ in range(max(5, steps // 5)):
-        step()
-    _sync(dev)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(dev)
-    return steps * batch / (time.perf_counter() - t0)
+    return common.bare_train_rate(build(dev, False), x0, x1, steps, max(5, steps // 5), precision, lr=5e-4)
 
 
 def rectflow_loop(dev, batch: int, steps: int, precision: str, work: Path) -> float:  # type: ignore[no-untyped-def]
@@ -210,23 +182,12 @@ def rectflow_loop(dev, batch: int, steps: int, precision: str, work: Path) -> fl
     import torch
 
     from rectflow.data import Distribution, load_digits
-    from rectflow.params import load_params
-    from rectflow.sources import IndependentPairs
-    from rectflow.train import train
 
-    p = load_params(common.PARAMS, [
-        "data.target=digits", f"pretrain.steps={steps}", f"pretrain.batch_size={batch}",
-        f"pretrain.precision={precision}", f"pretrain.checkpoint_every={steps + 1}",
-    ])
     target = Distribution(SHAPE, torch.from_numpy(load_digits()[0]))
-    source = Distribution(SHAPE)
-    shutil.rmtree(work, ignore_errors=True)
-    cfg = p.pretrain
-    train(build(dev, False), IndependentPairs(source, target, 1, dev), cfg.model_copy(update={"steps": max(5, steps // 5)}),
-          name="warmup", seed=1, checkpoint_dir=work / "w", device=dev)
-    res = train(build(dev, False), IndependentPairs(source, target, 0, dev), cfg, name="bench", seed=0,
-                checkpoint_dir=work / "c", device=dev)
-    return res.samples_per_s
+    return common.rectflow_train_rate(
+        lambda: build(dev, False), Distribution(SHAPE), target,
+        ["data.target=digits", f"pretrain.batch_size={batch}", f"pretrain.precision={precision}"],
+        steps, max(5, steps // 5), dev, work)
 
 
 def loop_comparison(dev, batches: list[int], precisions: list[str], steps: int, repeats: int) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
@@ -235,11 +196,9 @@ def loop_comparison(dev, batches: list[int], precisions: list[str], steps: int, 
     try:
         for precision in precisions:
             for b in batches:
-                bare, ours = [], []
                 load_before = common.loadavg()
-                for _ in range(repeats):
-                    bare.append(bare_loop(dev, b, steps, precision))
-                    ours.append(rectflow_loop(dev, b, steps, precision, work))
+                bare, ours = common.interleaved(lambda: bare_loop(dev, b, steps, precision),
+                                                lambda: rectflow_loop(dev, b, steps, precision, work), repeats)
                 ratios = [o / r for o, r in zip(ours, bare)]
                 out.append({
                     "batch": b, "precision": precision, "steps": steps,

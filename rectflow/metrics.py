@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,6 +72,25 @@ def straightness(v: Velocity, z0: Tensor, steps: int = 100) -> float:
         vs.append(vt)
         z = z + (t1 - t0) * vt
     return straightness_of(z0, z, vs)
+
+
+class VelocityRecorder:
+    """A velocity that keeps every output it returns, in order (``vs``: a solver's velocities), with the
+    attributes the solvers read (``forwards``: network forwards per call; ``average_velocity``), so
+    that :func:`straightness_of` can score a trajectory that a solve made for another reason.
+
+    ``VelocityRecorder(v)(z, t, *rest) -> v(z, t, *rest)``: ``z: (B, *shape)``, ``t: (B,)``."""
+
+    def __init__(self, v: Callable[..., Tensor]) -> None:
+        self.v = v
+        self.vs: list[Tensor] = []
+        self.forwards = int(getattr(v, "forwards", 1))
+        self.average_velocity = bool(getattr(v, "average_velocity", False))
+
+    def __call__(self, z: Tensor, t: Tensor, *rest: Any) -> Tensor:
+        out = self.v(z, t, *rest)
+        self.vs.append(out)
+        return out
 
 
 def straightness_of(z0: Tensor, z1: Tensor, velocities: list[Tensor]) -> float:

@@ -149,7 +149,7 @@ def run(p: Params, layout: Layout) -> dict:
         # A flow's uniform Euler row at evaluate.straightness_steps is the trajectory S(Z) is measured
         # on: its velocities are kept and the flow is not integrated a second time for it.
         shared = role == "flow" and solver == "euler" and steps == e.straightness_steps and schedule == "uniform"
-        velocity = _Recorder(model) if shared and name not in straight else model
+        velocity = metrics.VelocityRecorder(model) if shared and name not in straight else model
         with torch.inference_mode():
             try:
                 sol = solve(velocity, z0, solver, steps, times=times, rtol=e.rtol, atol=e.atol)
@@ -161,7 +161,7 @@ def run(p: Params, layout: Layout) -> dict:
                 raise RunFailedError(f"evaluate: {name} with {solver}{'' if steps is None else f', {steps} steps'} "
                                      f"made {bad} of {len(x)} samples NaN or infinite: models/{name} diverges "
                                      "(retrain it)")
-            if isinstance(velocity, _Recorder):
+            if isinstance(velocity, metrics.VelocityRecorder):
                 straight[name] = metrics.straightness_of(z0, sol.x, velocity.vs)
                 velocity.vs.clear()
             lat = metrics.latency_ms(
@@ -218,21 +218,6 @@ def run(p: Params, layout: Layout) -> dict:
     if images:
         _side_by_side(p, layout, groups, z0[:64], firsts, get)
     return summary
-
-
-class _Recorder:
-    """A velocity that keeps every output it returns (the solver's velocities, in order), with the
-    attributes the solvers read (``forwards``: guided forwards per call; ``average_velocity``)."""
-
-    def __init__(self, v: Any) -> None:
-        self.v, self.vs = v, []
-        self.forwards = int(getattr(v, "forwards", 1))
-        self.average_velocity = bool(getattr(v, "average_velocity", False))
-
-    def __call__(self, z: torch.Tensor, t: torch.Tensor, *rest: Any) -> torch.Tensor:
-        out = self.v(z, t, *rest)
-        self.vs.append(out)
-        return out
 
 
 def _guidance_curve(p: Params, layout: Layout, groups: dict[str, list[str]], get, z0: torch.Tensor,  # type: ignore[no-untyped-def]

@@ -162,3 +162,19 @@ def test_unet_benchmark_quick(tmp_path, monkeypatch):
     assert "| fp32 | NCHW | eager |" in unet.markdown(data)
     assert json.loads((tmp_path / "results" / "unet.quick.json").read_text())["peaks"]["conv_bf16"] > 0
     assert not (tmp_path / "BENCHMARKS.md").exists()
+
+
+@pytest.mark.timeout(120)
+def test_throughput_training_loops_quick():
+    """The MLP training comparison (benchmarks.common's shared loops), smoke-sized: both loops run
+    for each precision in interleaved rounds and every figure is a positive rate."""
+    import dataclasses
+
+    from benchmarks import throughput
+
+    cfg = dataclasses.replace(throughput.ThroughputConfig(), train_settings=[(32, 2, 64)], train_steps=10,
+                              repeats=2, bf16=True)
+    rows = throughput.training_benchmark(cfg)
+    assert [(r["hidden"], r["precision"]) for r in rows] == [(32, "fp32"), (32, "bf16")]
+    assert all(len(r["bare_all"]) == len(r["train_all"]) == 2 for r in rows)
+    assert all(x > 0 for r in rows for x in r["bare_all"] + r["train_all"])

@@ -145,7 +145,6 @@ def test_straightness_from_an_euler_row_is_the_same_bits_as_its_own_run():
     from rectflow.guidance import Guided
     from rectflow.nets import MLPVelocity
     from rectflow.solvers import solve
-    from tasks.evaluate import _Recorder
 
     torch.manual_seed(0)
     plain = MLPVelocity((2,), 32, 2, 16)
@@ -156,7 +155,7 @@ def test_straightness_from_an_euler_row_is_the_same_bits_as_its_own_run():
     z0 = torch.randn(64, 2)
     for v in (plain, Guided(cond, torch.arange(64) % 3, 2.0)):
         with torch.inference_mode():
-            rec = _Recorder(v)
+            rec = metrics.VelocityRecorder(v)
             sol = solve(rec, z0, "euler", 50)
             assert sol.nfe == 50 * getattr(v, "forwards", 1) and len(rec.vs) == 50
             assert torch.equal(sol.x, solve(v, z0, "euler", 50).x)
