@@ -20,12 +20,13 @@ Euler steps (rf2, and rf1) beside them.
 
 Images: ``--small`` defaults to ``{channels: 16, attention: false}`` (120,033 parameters against the
 U-Net's 485,185: 0.247×); the teacher-size row keeps the images profile's adversarial term, the
-small regression student too, SlimFlow and MeanFlow run without it. ``--reuse DIR`` takes a finished
-run's prepare, rf1, rf2, round-2 pairs and (as the teacher-size row, not retrained) its
-``distilled`` from the workspace DIR (a digits run costs ~40 min on 2 cores).
+small regression student too, SlimFlow and MeanFlow run without it. ``--reuse DIR ...`` (one
+finished workspace per seed, in the order of ``--seeds``) takes each run's prepare, rf1, rf2,
+round-2 pairs and (as the teacher-size row, not retrained) its ``distilled`` (a digits run costs
+~25 min on 2 cores).
 
 Run: ``python -m benchmarks.students [--seeds 0 1 2] [--quick]``;
-``python -m benchmarks.students --target digits --seeds 0 --reuse /path/to/digits/workspace``.
+``python -m benchmarks.students --target digits --seeds 0 1 --reuse /path/to/seed0 /path/to/seed1``.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,7 @@ class StudentsConfig:
     n_eval: int = 5000
     repeats: int = 20
     extra: list[str] = field(default_factory=list)  # overrides for every stage (--quick shrinks it)
-    reuse: str | None = None  # a finished workspace whose chain (and distilled) are taken
+    reuse: str | None = None  # a finished workspace whose chain (and distilled) are taken (this seed's)
     only: list[str] = field(default_factory=list)  # the student rows to run (empty: all)
 
 
@@ -133,6 +134,12 @@ def run(cfg: StudentsConfig, seed: int) -> dict[str, Any]:
         ov = [f"seed={seed}", f"data.target={cfg.target}", *cfg.extra]
         t_chain = {}
         if cfg.reuse:
+            import yaml
+
+            made = (yaml.safe_load((Path(cfg.reuse) / "params.resolved.yaml").read_text()) or {}).get("seed")
+            if made != seed:
+                raise SystemExit(f"--reuse {cfg.reuse}: a run of seed {made}, not of seed {seed} (give one "
+                                 "workspace per seed, in the order of --seeds)")
             _reuse(Path(cfg.reuse), root)
         else:
             for stage in ("prepare", "pretrain", "couple", "reflow"):
@@ -223,9 +230,9 @@ def markdown(data: dict[str, Any]) -> str:
         (f"## Smaller one-step students on {cfg['target']}: regression, SlimFlow, MeanFlow (#17)" if not cfg.get("only")
          else f"### Smaller one-step students on {cfg['target']}: {', '.join(cfg['only'])}"), "",
         f"Reproduce: `{data['command']}`"
-        + (f" (`--reuse`: the workspace of a finished `rectflow run --set data.target={cfg['target']}`, seed "
-           f"{runs[0]['seed']}; its prepare, rf1, rf2, round-2 pairs and `distilled`, the teacher-size row, are "
-           "taken as they are)" if cfg.get("reuse") else ""), "",
+        + (f" (`--reuse`: the workspace of a finished `rectflow run --set data.target={cfg['target']}` of each "
+           "seed, in the order of `--seeds`; its prepare, rf1, rf2, round-2 pairs and `distilled`, the "
+           "teacher-size row, are taken as they are)" if cfg.get("reuse") else ""), "",
         f"N(0, I) → {cfg['target']}, seeds {', '.join(str(r['seed']) for r in runs)} (mean ± std); teacher rf2 "
         f"({runs[0]['teachers']['rf2']['params']:,} parameters) {metric} at 100 Euler steps {common.fmt_pm(t2, 4)} "
         f"(rf1: {common.fmt_pm(t1, 4)}). Every student on the same round-2 pairs, one Euler step; small ones "
@@ -250,12 +257,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--small", default=None, help="the small students' architecture (default per target)")
     ap.add_argument("--steps", type=int, default=StudentsConfig.steps)
     ap.add_argument("--lr", type=float, default=StudentsConfig.lr)
-    ap.add_argument("--reuse", default=None, help="a finished workspace: its chain and distilled are taken")
+    ap.add_argument("--reuse", nargs="+", default=None,
+                    help="finished workspaces, one per seed (same order): their chain and distilled are taken")
     ap.add_argument("--only", nargs="*", default=[], help="student rows to run (labels)")
     args = ap.parse_args(argv)
     small = args.small or SMALL.get(args.target, SMALL["moons"])
     cfg = StudentsConfig(target=args.target, small=small, steps=args.steps, lr=args.lr,
-                         slim_reflow_steps=args.steps // 2, reuse=args.reuse, only=args.only)
+                         slim_reflow_steps=args.steps // 2, only=args.only)
+    if args.reuse is not None and len(args.reuse) != len(args.seeds):
+        ap.error(f"--reuse: one workspace per seed, got {len(args.reuse)} for {len(args.seeds)} seed(s)")
     if args.quick:
         cfg = StudentsConfig(target=args.target, small=small, steps=40, slim_reflow_steps=20, n_eval=500,
                              repeats=2, extra=["pretrain.steps=30", "reflow.steps=30", "couple.n_pairs=2000",
@@ -264,8 +274,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                "distill.checkpoint_every=1000"])
     common.set_threads()
     env = common.environment()
-    runs = [run(cfg, s) for s in args.seeds]
-    data = {"config": cfg.__dict__, "runs": runs, "aggregate": aggregate(runs), "env": env,
+    reuse = args.reuse or [None] * len(args.seeds)
+    runs = [run(replace(cfg, reuse=r), s) for s, r in zip(args.seeds, reuse)]
+    data = {"config": cfg.__dict__ | {"reuse": args.reuse}, "runs": runs, "aggregate": aggregate(runs), "env": env,
             "command": "python -m benchmarks.students " + shlex.join(argv if argv is not None else sys.argv[1:])}
     name = NAME if args.target == "moons" else f"{NAME}_{args.target}"
     if args.only:  # a subset of the rows: a result (and section) of its own, beside the full one
