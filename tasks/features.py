@@ -17,7 +17,7 @@ import torch
 
 from rectflow.config import Params
 from rectflow.data import DataError, load_prepared
-from rectflow.fd import FeatureNet, extract_features, frechet_distance, load_feature_net, precision_recall, save_feature_net, train_feature_net
+from rectflow.fd import FeatureNet, extract_features, frechet_distance, frechet_distance_se, load_feature_net, precision_recall, save_feature_net, train_feature_net
 from rectflow.io import file_sha256
 from rectflow.layout import Layout
 
@@ -62,7 +62,8 @@ def save(layout: Layout, net: FeatureNet, labels: np.ndarray | None, conditional
 
 
 def fd_scorer(p: Params, layout: Layout, dev: torch.device) -> Callable[[torch.Tensor], dict[str, Any]] | None:
-    """A function ``samples (n, c, h, w) -> {"fd", "fd_net_sha256", "precision", "recall"}``."""
+    """A function ``samples (n, c, h, w) -> {"fd", "fd_se", "fd_net_sha256", "precision", "recall"}``
+    (``fd_se``: the FD's bootstrap standard error over the samples, :func:`rectflow.fd.frechet_distance_se`)."""
     stem = layout.prepared / FEATURES
     if not stem.with_suffix(".safetensors").is_file():
         return None
@@ -75,7 +76,8 @@ def fd_scorer(p: Params, layout: Layout, dev: torch.device) -> Callable[[torch.T
     def score(x: torch.Tensor) -> dict[str, Any]:
         feats = extract_features(net, x.detach().float().cpu().numpy())
         pr = precision_recall(feats, ref_feats)
-        return {"fd": frechet_distance(feats, ref_feats), "fd_net_sha256": sha,
+        return {"fd": frechet_distance(feats, ref_feats), "fd_se": frechet_distance_se(feats, ref_feats),
+                "fd_net_sha256": sha,
                 "precision": pr.precision, "recall": pr.recall}
 
     return score

@@ -178,3 +178,21 @@ def test_throughput_training_loops_quick():
     assert [(r["hidden"], r["precision"]) for r in rows] == [(32, "fp32"), (32, "bf16")]
     assert all(len(r["bare_all"]) == len(r["train_all"]) == 2 for r in rows)
     assert all(x > 0 for r in rows for x in r["bare_all"] + r["train_all"])
+
+
+def test_fd_noise_subset_figures_against_closed_form():
+    """FD between N(0, I) and N(μ, I) in 4 dims is |μ|² = 4 (for μ = 1): the large-sample figure is
+    close to it, every subset is scored on the same rows of each model, the reference's ratios are 1."""
+    import numpy as np
+
+    from benchmarks.fd_noise import subset_figures
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((20_000, 4))
+    feats = {"same": rng.standard_normal((8_000, 4)), "shifted": rng.standard_normal((8_000, 4)) + 1.0}
+    out = subset_figures(feats, ref, 2_000, "same")
+    assert abs(out["same"]["fd_all"]) < 0.02 and abs(out["shifted"]["fd_all"] - 4.0) < 0.15
+    assert len(out["shifted"]["fd_subsets"]) == 4 and out["same"]["ratio_subsets"] == [1.0] * 4
+    assert out["shifted"]["ratio_all"] == out["shifted"]["fd_all"] / out["same"]["fd_all"]
+    with pytest.raises(ValueError, match="fewer than one subset"):
+        subset_figures({"same": feats["same"][:10]}, ref, 2_000, "same")

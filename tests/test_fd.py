@@ -158,3 +158,20 @@ def test_load_mismatched_weights_names_the_file(tmp_path: Path) -> None:
     (tmp_path / "b.json").replace(tmp_path / "a.json")
     with pytest.raises(ValueError, match=r"a\.safetensors: weights do not match a\.json"):
         load_feature_net(tmp_path / "a")
+
+
+def test_fd_bootstrap_se_tracks_the_spread_between_independent_draws():
+    """The bootstrap SE of an FD (what evaluate reports as ``fd_se``) is seeded, shrinks as the
+    sample grows, and is of the size of the FD's real spread over independent draws."""
+    from rectflow.fd import frechet_distance, frechet_distance_se
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((4_000, 8))
+    draws = [rng.standard_normal((500, 8)) + 0.3 for _ in range(40)]
+    spread = float(np.std([frechet_distance(d, ref) for d in draws], ddof=1))
+    se = frechet_distance_se(draws[0], ref)
+    assert se == frechet_distance_se(draws[0], ref) > 0
+    assert 0.5 * spread < se < 2.0 * spread
+    assert frechet_distance_se(np.concatenate(draws[:8]), ref) < se
+    with pytest.raises(ValueError, match="reps"):
+        frechet_distance_se(draws[0], ref, reps=1)

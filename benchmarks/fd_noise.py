@@ -1,0 +1,144 @@
+"""How much of a digits FD figure is the estimator: spread over disjoint draws, and large-sample ratios.
+
+evaluate scores image models by FD against the training split with ``evaluate.n_samples`` (1,000 for
+the images profile) generated samples. This benchmark takes finished workspaces (one per seed, each
+a ``rectflow run --set data.target=digits`` that has finished) and, with each workspace's own frozen
+feature net:
+
+1. draws ``--n`` (10,000) source samples from a fixed seed and integrates each model on the same
+   draw: flows with ``--steps`` (100) Euler steps, students with their one step (fp32, as evaluate);
+2. scores FD on all of them (**large-sample FD**), and on ``--n // --subset`` disjoint subsets of
+   ``--subset`` (1,000, evaluate's size): **mean ± std over subsets** (the spread one evaluate row
+   carries) and the **paired ratio** student ÷ reference flow per subset (the same noise for both,
+   as evaluate pairs them), and the bootstrap standard error that evaluate reports (``fd_se``) of
+   the first subset, to compare with the real spread;
+3. puts evaluate's own figure (``metrics/eval.json``) beside them.
+
+Run: ``python -m benchmarks.fd_noise --workspaces SEED0_DIR SEED1_DIR SEED2_DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks import common
+
+NAME = "fd_noise"
+
+
+def subset_figures(feats: dict[str, np.ndarray], ref: np.ndarray, subset: int, reference: str) -> dict[str, Any]:
+    """FD of every model's features ``(n, F)`` against ``ref: (m, F)``: on all ``n``, on the
+    ``n // subset`` disjoint subsets (rows ``[k·subset, (k+1)·subset)``, the same rows of the same
+    draw for every model), and each model's paired ratio to ``reference`` per subset and on all."""
+    from rectflow.fd import frechet_distance, frechet_distance_se
+
+    n = min(len(f) for f in feats.values())
+    if n < subset:
+        raise ValueError(f"subset_figures: {n} samples, fewer than one subset of {subset}")
+    out: dict[str, Any] = {}
+    for name, f in feats.items():
+        subs = [frechet_distance(f[k:k + subset], ref) for k in range(0, n - subset + 1, subset)]
+        out[name] = {"fd_all": frechet_distance(f[:n], ref), "fd_subsets": subs,
+                     "se_first_subset": frechet_distance_se(f[:subset], ref)}
+    for name, rec in out.items():
+        base = out[reference]
+        rec["ratio_all"] = rec["fd_all"] / base["fd_all"]
+        rec["ratio_subsets"] = [a / b for a, b in zip(rec["fd_subsets"], base["fd_subsets"])]
+    return out
+
+
+def measure(root: Path, n: int, subset: int, steps: int, models: list[str], reference: str) -> dict[str, Any]:
+    import torch
+
+    from rectflow.data import load_prepared
+    from rectflow.fd import extract_features, load_feature_net
+    from rectflow.models import load_model
+    from rectflow.solvers import solve
+
+    prepared = root / "data" / "prepared"
+    net = load_feature_net(prepared / "features")
+    ref = extract_features(net, load_prepared(prepared, "target", "train").data.numpy())
+    resolved = (root / "params.resolved.yaml").read_text()
+    import yaml
+
+    seed = int(yaml.safe_load(resolved)["seed"])
+    shape = tuple(load_prepared(prepared, "target", "train").data.shape[1:])
+    z = torch.randn((n, *shape), generator=torch.Generator().manual_seed(10_000 + seed))
+    feats, nfe = {}, {}
+    with torch.inference_mode():
+        for name in models:
+            model, card = load_model(root / "models" / name, "cpu")
+            k = steps if card["meta"].get("role", "flow") == "flow" else 1
+            x = torch.cat([solve(model, z[i:i + 2500], "euler", k).x.float() for i in range(0, n, 2500)])
+            feats[name], nfe[name] = extract_features(net, x.numpy()), k
+            print(f"[fd_noise] {root.name} {name}: {k} Euler step(s) on {n:,} draws", file=sys.stderr, flush=True)
+    figs = subset_figures(feats, ref, subset, reference)
+    evald = json.loads((root / "metrics" / "eval.json").read_text())["rows"]
+    for name in models:
+        row = next((r for r in evald if r["model"] == name and r["solver"] == "euler" and r.get("schedule", "uniform")
+                    == "uniform" and r["nfe"] == nfe[name]), None)
+        figs[name]["evaluate_fd"] = None if row is None else row.get("fd")
+        figs[name]["nfe"] = nfe[name]
+    return {"workspace": str(root), "seed": seed, "n": n, "subset": subset, "models": figs, "reference": reference}
+
+
+def markdown(data: dict[str, Any]) -> str:
+    runs, ref = data["runs"], data["reference"]
+    lines = [
+        "## How much of a digits FD is the estimator (FD noise)", "",
+        f"Reproduce: `{data['command']}`", "",
+        f"Each seed's finished workspace, its own feature net; {runs[0]['n']:,} draws per model (the same draw for "
+        f"every model of a seed), FD on all of them and on {runs[0]['n'] // runs[0]['subset']} disjoint subsets of "
+        f"{runs[0]['subset']:,} (evaluate's size for images). Ratios are paired: the model ÷ {ref} on the same draws.",
+        "",
+    ]
+    rows = []
+    for r in runs:
+        for name, m in r["models"].items():
+            subs, rat = m["fd_subsets"], m["ratio_subsets"]
+            rows.append([r["seed"], name, m["nfe"], "–" if m["evaluate_fd"] is None else f"{m['evaluate_fd']:.4f}",
+                         f"{np.mean(subs):.3f} ± {np.std(subs, ddof=1):.3f} ({min(subs):.2f} – {max(subs):.2f})",
+                         f"{m['se_first_subset']:.3f}",
+                         f"{m['fd_all']:.4f}",
+                         "–" if name == ref else f"{np.mean(rat):.3f} ± {np.std(rat, ddof=1):.3f}",
+                         "–" if name == ref else f"{m['ratio_all']:.3f}"])
+    lines.append(common.md_table(
+        ["seed", "model", "NFE", "evaluate FD (1,000)", f"FD of {runs[0]['subset']:,}: mean ± std (range)",
+         "bootstrap SE of one subset", f"FD of {runs[0]['n']:,}", f"÷ {ref}, {runs[0]['subset']:,}: mean ± std", f"÷ {ref}, {runs[0]['n']:,}"], rows))
+    lines += ["", common.env_lines(data["env"])]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workspaces", nargs="+", required=True, help="finished digits runs, one per seed")
+    ap.add_argument("--n", type=int, default=10_000)
+    ap.add_argument("--subset", type=int, default=1_000)
+    ap.add_argument("--steps", type=int, default=100, help="Euler steps of the flows")
+    ap.add_argument("--models", nargs="+", default=["rf1", "distilled"])
+    ap.add_argument("--reference", default="rf1")
+    ap.add_argument("--quick", action="store_true", help="results to the quick JSON only")
+    args = ap.parse_args(argv)
+    if args.reference not in args.models:
+        ap.error(f"--reference {args.reference} must be one of --models")
+    if args.n < args.subset:
+        ap.error(f"--n {args.n} must be at least --subset {args.subset}")
+    common.set_threads()
+    env = common.environment()
+    runs = [measure(Path(w).resolve(), args.n, args.subset, args.steps, args.models, args.reference)
+            for w in args.workspaces]
+    data = {"runs": runs, "reference": args.reference, "env": env,
+            "command": "python -m benchmarks.fd_noise " + shlex.join(argv if argv is not None else sys.argv[1:])}
+    common.publish(NAME, data, markdown(data), args.quick)
+    return data
+
+
+if __name__ == "__main__":
+    main()
