@@ -110,6 +110,17 @@ def run_stage(name: str, root: Path, overrides: Sequence[str]) -> dict[str, Any]
     return _run(name, PARAMS, list(overrides), root)
 
 
+def workspace_params(root: Path):  # type: ignore[no-untyped-def]
+    """The validated parameters a finished workspace ran on (its ``params.resolved.yaml``): a
+    :class:`rectflow.config.Params`; ParamsError with one line naming the file when it is missing or
+    invalid (a benchmark's ``main`` turns that into ``ap.error``: exit 2)."""
+    from rectflow.config import validate
+    from rectflow.params import RESOLVED_FILE, read_yaml
+
+    path = Path(root) / RESOLVED_FILE
+    return validate(read_yaml(path), str(path))
+
+
 def timed(fn, *args, **kwargs) -> tuple[Any, float]:
     t0 = time.perf_counter()
     out = fn(*args, **kwargs)

@@ -54,23 +54,44 @@ def subset_figures(feats: dict[str, np.ndarray], ref: np.ndarray, subset: int, r
     return out
 
 
+FD_NOISE_SEED_OFFSET = 10_000  # its own draw, apart from evaluate's (seed + 10,007)
+
+
+def check_workspace(root: Path, models: list[str]) -> None:
+    """InputError with one line naming the first thing a finished digits workspace lacks: its
+    resolved params, the frozen feature net, a model of ``models``, ``metrics/eval.json``."""
+    from rectflow.errors import InputError
+
+    if not root.is_dir():
+        raise InputError(f"--workspaces {root}: not a directory (give finished `rectflow run --set data.target=digits` workspaces)")
+    need = [root / "params.resolved.yaml", root / "data" / "prepared" / "features.safetensors",
+            *(root / "models" / f"{m}.safetensors" for m in models), root / "metrics" / "eval.json"]
+    missing = next((f for f in need if not f.is_file()), None)
+    if missing is not None:
+        raise InputError(f"--workspaces {root}: {missing.relative_to(root)} is missing (a finished image run has it; "
+                         "the models are named by --models)")
+
+
 def measure(root: Path, n: int, subset: int, steps: int, models: list[str], reference: str) -> dict[str, Any]:
+    """The figures of one workspace: ``n`` source draws (:func:`tasks.evaluate.eval_noise` at this
+    benchmark's own seed offset: N(0, I), or the source's test rows), each model integrated on the
+    same draw, featurised by the workspace's feature net, then :func:`subset_figures`."""
     import torch
 
     from rectflow.data import load_prepared
     from rectflow.fd import extract_features, load_feature_net
+    from rectflow.layout import Layout
     from rectflow.models import load_model
     from rectflow.solvers import solve
+    from tasks.evaluate import eval_noise
 
+    check_workspace(root, models)
+    p = common.workspace_params(root)
     prepared = root / "data" / "prepared"
     net = load_feature_net(prepared / "features")
-    ref = extract_features(net, load_prepared(prepared, "target", "train").data.numpy())
-    resolved = (root / "params.resolved.yaml").read_text()
-    import yaml
-
-    seed = int(yaml.safe_load(resolved)["seed"])
-    shape = tuple(load_prepared(prepared, "target", "train").data.shape[1:])
-    z = torch.randn((n, *shape), generator=torch.Generator().manual_seed(10_000 + seed))
+    train = load_prepared(prepared, "target", "train").data
+    ref = extract_features(net, train.numpy())
+    z = eval_noise(p, Layout(root), n, tuple(train.shape[1:]), seed_offset=FD_NOISE_SEED_OFFSET)
     feats, nfe = {}, {}
     with torch.inference_mode():
         for name in models:
@@ -86,7 +107,7 @@ def measure(root: Path, n: int, subset: int, steps: int, models: list[str], refe
                     == "uniform" and r["nfe"] == nfe[name]), None)
         figs[name]["evaluate_fd"] = None if row is None else row.get("fd")
         figs[name]["nfe"] = nfe[name]
-    return {"workspace": str(root), "seed": seed, "n": n, "subset": subset, "models": figs, "reference": reference}
+    return {"workspace": str(root), "seed": p.seed, "n": n, "subset": subset, "models": figs, "reference": reference}
 
 
 def markdown(data: dict[str, Any]) -> str:
@@ -130,10 +151,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ap.error(f"--reference {args.reference} must be one of --models")
     if args.n < args.subset:
         ap.error(f"--n {args.n} must be at least --subset {args.subset}")
+    from rectflow.errors import InputError
+
+    roots = [Path(w).resolve() for w in args.workspaces]
+    try:  # every workspace checked before the first (minutes-long) measurement
+        for root in roots:
+            check_workspace(root, args.models)
+            common.workspace_params(root)
+    except InputError as e:
+        ap.error(str(e))
     common.set_threads()
     env = common.environment()
-    runs = [measure(Path(w).resolve(), args.n, args.subset, args.steps, args.models, args.reference)
-            for w in args.workspaces]
+    runs = [measure(root, args.n, args.subset, args.steps, args.models, args.reference) for root in roots]
     data = {"runs": runs, "reference": args.reference, "env": env,
             "command": "python -m benchmarks.fd_noise " + shlex.join(argv if argv is not None else sys.argv[1:])}
     common.publish(NAME, data, markdown(data), args.quick)

@@ -59,6 +59,7 @@ class StudentsConfig:
     lr: float = 1e-3
     slim_reflow_steps: int = 3000  # of steps, SlimFlow's annealing reflow
     n_eval: int = 5000
+    n_eval_images: int | None = None  # None: the run's evaluate.n_samples
     repeats: int = 20
     extra: list[str] = field(default_factory=list)  # overrides for every stage (--quick shrinks it)
     reuse: str | None = None  # a finished workspace whose chain (and distilled) are taken (this seed's)
@@ -116,6 +117,15 @@ def latency(model: Any, z: Any, repeats: int) -> float:
     return statistics.median(times) * 1000 / len(z)
 
 
+def _solve(model: Any, z: Any, steps: int, chunk: int = 2500) -> Any:
+    """``steps`` Euler steps of ``model`` from ``z: (n, *shape)`` in chunks of ``chunk`` rows (fp32 out)."""
+    import torch
+
+    from rectflow.solvers import solve
+
+    return torch.cat([solve(model, z[i:i + chunk], "euler", steps).x.float() for i in range(0, len(z), chunk)])
+
+
 def run(cfg: StudentsConfig, seed: int) -> dict[str, Any]:
     import torch
 
@@ -125,7 +135,6 @@ def run(cfg: StudentsConfig, seed: int) -> dict[str, Any]:
     from rectflow.models import load_model
     from rectflow.nets import count_params
     from rectflow.params import load_params
-    from rectflow.solvers import solve
     from tasks.evaluate import eval_noise
     from tasks.features import fd_scorer
 
@@ -133,13 +142,7 @@ def run(cfg: StudentsConfig, seed: int) -> dict[str, Any]:
     try:
         ov = [f"seed={seed}", f"data.target={cfg.target}", *cfg.extra]
         t_chain = {}
-        if cfg.reuse:
-            import yaml
-
-            made = (yaml.safe_load((Path(cfg.reuse) / "params.resolved.yaml").read_text()) or {}).get("seed")
-            if made != seed:
-                raise SystemExit(f"--reuse {cfg.reuse}: a run of seed {made}, not of seed {seed} (give one "
-                                 "workspace per seed, in the order of --seeds)")
+        if cfg.reuse:  # main checked its seed
             _reuse(Path(cfg.reuse), root)
         else:
             for stage in ("prepare", "pretrain", "couple", "reflow"):
@@ -152,7 +155,9 @@ def run(cfg: StudentsConfig, seed: int) -> dict[str, Any]:
             _, t_chain["couple (repair)"] = common.timed(run_round, p, lay, p.reflow.rounds + 1)
         test = load_prepared(lay.prepared, "target", "test")
         images = len(test.shape) == 3
-        n = min(cfg.n_eval, p.evaluate.n_samples if images else cfg.n_eval)
+        # images: evaluate's sample size unless --n-eval says (10,000 paired draws decide a 1.3× FD ratio;
+        # 1,000 cannot: BENCHMARKS "How much of a digits FD is the estimator")
+        n = (cfg.n_eval_images or p.evaluate.n_samples) if images else cfg.n_eval
         shape = tuple(test.shape)
         z = eval_noise(p, lay, n, shape)
         if images:  # FD against the training split, as the evaluate stage
@@ -160,7 +165,7 @@ def run(cfg: StudentsConfig, seed: int) -> dict[str, Any]:
             assert scorer is not None, "no feature net in data/prepared"
 
             def quality(x: torch.Tensor) -> float:
-                return float(scorer(x)["fd"])
+                return float(scorer(x, se=False)["fd"])
         else:
             ref = test.data[: min(n, len(test.data))]
 
@@ -172,7 +177,7 @@ def run(cfg: StudentsConfig, seed: int) -> dict[str, Any]:
         with torch.inference_mode():
             for name in ("rf1", "rf2"):
                 m, _ = load_model(lay.model(name), "cpu")
-                teachers[name] = {"w2_100": quality(solve(m, z, "euler", 100).x.float()), "params": count_params(m)}
+                teachers[name] = {"w2_100": quality(_solve(m, z, 100)), "params": count_params(m)}
         rows = []
         for label, extra in students(cfg):
             if extra is None:  # the reused run's own student
@@ -181,7 +186,7 @@ def run(cfg: StudentsConfig, seed: int) -> dict[str, Any]:
                 rec, secs = common.timed(common.run_stage, "distill", root, ov + extra)
             model, card = load_model(lay.model("distilled"), "cpu")
             with torch.inference_mode():
-                x = solve(model, z, "euler", 1).x.float()
+                x = _solve(model, z, 1)
             s = rec["students"][0]
             q = quality(x)
             rows.append({
@@ -260,12 +265,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--reuse", nargs="+", default=None,
                     help="finished workspaces, one per seed (same order): their chain and distilled are taken")
     ap.add_argument("--only", nargs="*", default=[], help="student rows to run (labels)")
+    ap.add_argument("--n-eval", type=int, default=None,
+                    help="samples per model for the quality figure (images: default evaluate.n_samples; the same draw for every model)")
     args = ap.parse_args(argv)
     small = args.small or SMALL.get(args.target, SMALL["moons"])
     cfg = StudentsConfig(target=args.target, small=small, steps=args.steps, lr=args.lr,
-                         slim_reflow_steps=args.steps // 2, only=args.only)
+                         slim_reflow_steps=args.steps // 2, only=args.only,
+                         n_eval=args.n_eval or StudentsConfig.n_eval, n_eval_images=args.n_eval)
+    if args.n_eval is not None and args.n_eval < 2:
+        ap.error(f"--n-eval {args.n_eval}: need at least 2 samples")
     if args.reuse is not None and len(args.reuse) != len(args.seeds):
         ap.error(f"--reuse: one workspace per seed, got {len(args.reuse)} for {len(args.seeds)} seed(s)")
+    for w, seed in zip(args.reuse or [], args.seeds):  # before the first (long) run, one line each
+        from rectflow.errors import InputError
+
+        try:
+            made = common.workspace_params(Path(w)).seed
+        except InputError as e:
+            ap.error(f"--reuse {w}: {e}")
+        if made != seed:
+            ap.error(f"--reuse {w}: a run of seed {made}, not of seed {seed} (give one workspace per seed, "
+                     "in the order of --seeds)")
     if args.quick:
         cfg = StudentsConfig(target=args.target, small=small, steps=40, slim_reflow_steps=20, n_eval=500,
                              repeats=2, extra=["pretrain.steps=30", "reflow.steps=30", "couple.n_pairs=2000",

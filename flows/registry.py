@@ -194,7 +194,7 @@ def score_model(p: Params, layout: Layout, stem: Path, metric: str) -> float | N
     z0 = eval_noise(p, layout, p.evaluate.n_samples, tuple(target.shape)).to(dev)
     with torch.inference_mode():
         x = solve(model, z0, "euler", int(card["meta"].get("steps", 1))).x.float()
-    return float(scorer(x)["fd"])
+    return float(scorer(x, se=False)["fd"])
 
 
 def _other_task(champion) -> str:  # type: ignore[no-untyped-def]

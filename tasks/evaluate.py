@@ -55,10 +55,13 @@ def guidance_of(p: Params, name: str, card: dict[str, Any] | None = None) -> flo
 EVAL_SEED_OFFSET = 10_007
 
 
-def eval_noise(p: Params, layout: Layout, n: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """The evaluation Z0, identical for every model: N(0, I) from a fixed seed, or source test rows."""
+def eval_noise(p: Params, layout: Layout, n: int, shape: tuple[int, ...],
+               seed_offset: int = EVAL_SEED_OFFSET) -> torch.Tensor:
+    """The evaluation Z0 ``(n, *shape)``, identical for every model: N(0, I) from the fixed seed
+    ``p.seed + seed_offset`` (benchmarks pass their own offset for a draw of their own), or the
+    source's test rows (cycled to ``n``) when the source is a data set."""
     src = load_prepared(layout.prepared, "source", "test")
-    g = torch.Generator().manual_seed(p.seed + EVAL_SEED_OFFSET)
+    g = torch.Generator().manual_seed(p.seed + seed_offset)
     if src.is_gaussian:
         return torch.randn((n, *shape), generator=g)
     idx = torch.arange(n) % len(src.data)  # type: ignore[arg-type]
@@ -326,7 +329,7 @@ def _inpainting(p: Params, layout: Layout, teacher: str, get, x: torch.Tensor, f
     from rectflow.imaging import save_grid_png
     from rectflow.steer import inpainting_report, standard_masks
 
-    fd_fn = (lambda y: fd_ctx(y)["fd"]) if fd_ctx is not None else None
+    fd_fn = (lambda y: fd_ctx(y, se=False)["fd"]) if fd_ctx is not None else None
     def own(model):  # type: ignore[no-untyped-def]  # a conditional model completes each image under its own label
         return model.guided(labels) if isinstance(model, EvalLabels) and labels is not None else model
 

@@ -61,9 +61,11 @@ def save(layout: Layout, net: FeatureNet, labels: np.ndarray | None, conditional
     return record
 
 
-def fd_scorer(p: Params, layout: Layout, dev: torch.device) -> Callable[[torch.Tensor], dict[str, Any]] | None:
-    """A function ``samples (n, c, h, w) -> {"fd", "fd_se", "fd_net_sha256", "precision", "recall"}``
-    (``fd_se``: the FD's bootstrap standard error over the samples, :func:`rectflow.fd.frechet_distance_se`)."""
+def fd_scorer(p: Params, layout: Layout, dev: torch.device) -> Callable[..., dict[str, Any]] | None:
+    """A function ``score(samples (n, c, h, w), se=True) -> {"fd", "fd_se", "fd_net_sha256",
+    "precision", "recall"}`` (``fd_se``: the FD's bootstrap standard error over the samples,
+    :func:`rectflow.fd.frechet_distance_se`, 30 more FDs: ``se=False`` leaves it out for callers
+    that only rank, such as inpainting's and the registry's). None without a feature net."""
     stem = layout.prepared / FEATURES
     if not stem.with_suffix(".safetensors").is_file():
         return None
@@ -73,11 +75,13 @@ def fd_scorer(p: Params, layout: Layout, dev: torch.device) -> Callable[[torch.T
     assert ref is not None
     ref_feats = extract_features(net, ref.numpy())
 
-    def score(x: torch.Tensor) -> dict[str, Any]:
+    def score(x: torch.Tensor, se: bool = True) -> dict[str, Any]:
         feats = extract_features(net, x.detach().float().cpu().numpy())
         pr = precision_recall(feats, ref_feats)
-        return {"fd": frechet_distance(feats, ref_feats), "fd_se": frechet_distance_se(feats, ref_feats),
-                "fd_net_sha256": sha,
-                "precision": pr.precision, "recall": pr.recall}
+        out = {"fd": frechet_distance(feats, ref_feats), "fd_net_sha256": sha,
+               "precision": pr.precision, "recall": pr.recall}
+        if se:
+            out["fd_se"] = frechet_distance_se(feats, ref_feats)
+        return out
 
     return score

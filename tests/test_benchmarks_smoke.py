@@ -196,3 +196,29 @@ def test_fd_noise_subset_figures_against_closed_form():
     assert out["shifted"]["ratio_all"] == out["shifted"]["fd_all"] / out["same"]["fd_all"]
     with pytest.raises(ValueError, match="fewer than one subset"):
         subset_figures({"same": feats["same"][:10]}, ref, 2_000, "same")
+
+
+def test_workspace_benchmarks_refuse_bad_workspaces_with_one_line(tmp_path, capsys):
+    """fd_noise and students --reuse check every workspace before their first (minutes-long)
+    measurement: a missing file or a run of the wrong seed is one line naming it, exit 2."""
+    from benchmarks import fd_noise, students
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    with pytest.raises(SystemExit) as e:
+        fd_noise.main(["--workspaces", str(ws), "--quick"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "params.resolved.yaml is missing" in err and str(ws) in err
+    (ws / "params.resolved.yaml").write_text("seed: 1\ndata: {target: digits}\n")
+    with pytest.raises(SystemExit) as e:
+        students.main(["--target", "digits", "--seeds", "0", "--reuse", str(ws), "--quick"])
+    assert e.value.code == 2
+    assert "a run of seed 1, not of seed 0" in capsys.readouterr().err
+    (ws / "params.resolved.yaml").write_text("seed: [\n")
+    with pytest.raises(SystemExit) as e:
+        students.main(["--target", "digits", "--seeds", "0", "--reuse", str(ws), "--quick"])
+    assert e.value.code == 2 and "params.resolved.yaml" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        fd_noise.main(["--workspaces", str(tmp_path / "nope")])
+    assert e.value.code == 2 and "not a directory" in capsys.readouterr().err

@@ -244,7 +244,11 @@ def test_image_task_is_promoted_on_fd(tmp_path: Path, monkeypatch: pytest.Monkey
     layout = prepared(ws, p)
     spec = task_spec(p, layout)
     assert spec["shape"] == [1, 8, 8] and task_metric(spec) == "fd"
-    assert fd_scorer(p, layout, torch.device("cpu")) is not None
+    scorer = fd_scorer(p, layout, torch.device("cpu"))
+    assert scorer is not None
+    x = torch.rand(200, 1, 8, 8)
+    full, bare = scorer(x), scorer(x, se=False)  # se=False: the same FD, without the 30 bootstrap FDs
+    assert full["fd_se"] > 0 and "fd_se" not in bare and bare["fd"] == full["fd"]
 
     stem = write_model(layout, seed=1)
     fd1 = score_model(p, layout, stem, "fd")
