@@ -14,13 +14,17 @@ feature net:
    the first subset, to compare with the real spread;
 3. puts evaluate's own figure (``metrics/eval.json``) beside them.
 
-Run: ``python -m benchmarks.fd_noise --workspaces SEED0_DIR SEED1_DIR SEED2_DIR``.
+Run: ``python -m benchmarks.fd_noise --workspaces SEED0_DIR SEED1_DIR SEED2_DIR``. Each model's
+features are cached in ``benchmarks/results/.cache/fd_noise`` under the sha256 of its weights, of the
+feature net and of the draw (``--fresh`` ignores the cache): a rerun integrates only what changed.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -55,6 +59,23 @@ def subset_figures(feats: dict[str, np.ndarray], ref: np.ndarray, subset: int, r
 
 
 FD_NOISE_SEED_OFFSET = 10_000  # its own draw, apart from evaluate's (seed + 10,007)
+# Features of each model's samples, keyed by the model's weights, the feature net's, the draw and the
+# steps: a rerun (another label, one more model) integrates only what changed. Not in git.
+CACHE = common.RESULTS / ".cache" / NAME
+
+
+def cached_features(key: str, make: Any, use_cache: bool = True) -> np.ndarray:
+    """``make()`` (an ``(n, F)`` array), stored under ``CACHE/key.npy`` (temporary name, then rename)
+    and read back on the next call with the same key."""
+    path = CACHE / f"{key}.npy"
+    if use_cache and path.is_file():
+        return np.load(path)
+    out = np.asarray(make())
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, out)
+    tmp.replace(path)
+    return out
 
 
 def check_workspace(root: Path, models: list[str]) -> None:
@@ -72,7 +93,8 @@ def check_workspace(root: Path, models: list[str]) -> None:
                          "the models are named by --models)")
 
 
-def measure(root: Path, n: int, subset: int, steps: int, models: list[str], reference: str) -> dict[str, Any]:
+def measure(root: Path, n: int, subset: int, steps: int, models: list[str], reference: str,
+            use_cache: bool = True) -> dict[str, Any]:
     """The figures of one workspace: ``n`` source draws (:func:`tasks.evaluate.eval_noise` at this
     benchmark's own seed offset: N(0, I), or the source's test rows), each model integrated on the
     same draw, featurised by the workspace's feature net, then :func:`subset_figures`."""
@@ -80,6 +102,7 @@ def measure(root: Path, n: int, subset: int, steps: int, models: list[str], refe
 
     from rectflow.data import load_prepared
     from rectflow.fd import extract_features, load_feature_net
+    from rectflow.io import file_sha256
     from rectflow.layout import Layout
     from rectflow.models import load_model
     from rectflow.solvers import solve
@@ -92,13 +115,20 @@ def measure(root: Path, n: int, subset: int, steps: int, models: list[str], refe
     train = load_prepared(prepared, "target", "train").data
     ref = extract_features(net, train.numpy())
     z = eval_noise(p, Layout(root), n, tuple(train.shape[1:]), seed_offset=FD_NOISE_SEED_OFFSET)
+    draw = hashlib.sha256(z.numpy().tobytes()).hexdigest()[:16]
+    net_sha = file_sha256(prepared / "features.safetensors")[:16]
     feats, nfe = {}, {}
     with torch.inference_mode():
         for name in models:
             model, card = load_model(root / "models" / name, "cpu")
             k = steps if card["meta"].get("role", "flow") == "flow" else 1
-            x = torch.cat([solve(model, z[i:i + 2500], "euler", k).x.float() for i in range(0, n, 2500)])
-            feats[name], nfe[name] = extract_features(net, x.numpy()), k
+            sha = file_sha256(root / "models" / f"{name}.safetensors")[:16]
+
+            def make() -> np.ndarray:
+                x = torch.cat([solve(model, z[i:i + 2500], "euler", k).x.float() for i in range(0, n, 2500)])  # noqa: B023
+                return extract_features(net, x.numpy())
+
+            feats[name], nfe[name] = cached_features(f"{sha}-{net_sha}-{draw}-euler{k}", make, use_cache), k
             print(f"[fd_noise] {root.name} {name}: {k} Euler step(s) on {n:,} draws", file=sys.stderr, flush=True)
     figs = subset_figures(feats, ref, subset, reference)
     evald = json.loads((root / "metrics" / "eval.json").read_text())["rows"]
@@ -113,7 +143,8 @@ def measure(root: Path, n: int, subset: int, steps: int, models: list[str], refe
 def markdown(data: dict[str, Any]) -> str:
     runs, ref = data["runs"], data["reference"]
     lines = [
-        "## How much of a digits FD is the estimator (FD noise)", "",
+        ("## How much of a digits FD is the estimator (FD noise)" if not data.get("label")
+         else f"### Large-sample FD: {data['label'].replace('_', ' ')}"), "",
         f"Reproduce: `{data['command']}`", "",
         f"Each seed's finished workspace, its own feature net; {runs[0]['n']:,} draws per model (the same draw for "
         f"every model of a seed), FD on all of them and on {runs[0]['n'] // runs[0]['subset']} disjoint subsets of "
@@ -145,10 +176,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--steps", type=int, default=100, help="Euler steps of the flows")
     ap.add_argument("--models", nargs="+", default=["rf1", "distilled"])
     ap.add_argument("--reference", default="rf1")
+    ap.add_argument("--label", default=None,
+                    help="publish as fd_noise_LABEL (its own JSON and BENCHMARKS section) beside the default one")
+    ap.add_argument("--fresh", action="store_true", help=f"integrate every model again (ignore {CACHE})")
     ap.add_argument("--quick", action="store_true", help="results to the quick JSON only")
     args = ap.parse_args(argv)
     if args.reference not in args.models:
         ap.error(f"--reference {args.reference} must be one of --models")
+    if args.label is not None and not re.fullmatch(r"[a-z0-9_]+", args.label):
+        ap.error(f"--label {args.label!r}: expected lower-case letters, digits and _")
     if args.n < args.subset:
         ap.error(f"--n {args.n} must be at least --subset {args.subset}")
     from rectflow.errors import InputError
@@ -162,10 +198,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ap.error(str(e))
     common.set_threads()
     env = common.environment()
-    runs = [measure(root, args.n, args.subset, args.steps, args.models, args.reference) for root in roots]
-    data = {"runs": runs, "reference": args.reference, "env": env,
+    runs = [measure(root, args.n, args.subset, args.steps, args.models, args.reference, not args.fresh)
+            for root in roots]
+    data = {"runs": runs, "reference": args.reference, "env": env, "label": args.label,
             "command": "python -m benchmarks.fd_noise " + shlex.join(argv if argv is not None else sys.argv[1:])}
-    common.publish(NAME, data, markdown(data), args.quick)
+    common.publish(NAME if args.label is None else f"{NAME}_{args.label}", data, markdown(data), args.quick)
     return data
 
 

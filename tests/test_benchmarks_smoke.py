@@ -222,3 +222,29 @@ def test_workspace_benchmarks_refuse_bad_workspaces_with_one_line(tmp_path, caps
     with pytest.raises(SystemExit) as e:
         fd_noise.main(["--workspaces", str(tmp_path / "nope")])
     assert e.value.code == 2 and "not a directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        fd_noise.main(["--workspaces", str(ws), "--label", "Bad label"])
+    assert e.value.code == 2 and "--label 'Bad label'" in capsys.readouterr().err
+
+
+def test_fd_noise_feature_cache_round_trips_by_key(tmp_path, monkeypatch):
+    """The feature cache: made once per key (then read back bit for bit), remade with use_cache off,
+    written through a temporary name that does not stay behind."""
+    import numpy as np
+
+    from benchmarks import fd_noise
+
+    monkeypatch.setattr(fd_noise, "CACHE", tmp_path / "cache")
+    calls = []
+
+    def make():
+        calls.append(1)
+        return np.arange(12, dtype=np.float32).reshape(3, 4) * len(calls)
+
+    a = fd_noise.cached_features("k1", make)
+    b = fd_noise.cached_features("k1", make)
+    assert len(calls) == 1 and np.array_equal(a, b) and b.dtype == np.float32
+    c = fd_noise.cached_features("k1", make, use_cache=False)
+    assert len(calls) == 2 and np.array_equal(c, 2 * a)
+    fd_noise.cached_features("k2", make)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["k1.npy", "k2.npy"]

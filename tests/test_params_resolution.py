@@ -95,13 +95,14 @@ def test_a_check_across_sections_that_fails_only_with_the_profile_says_so(tmp_pa
         resolve(_write(tmp_path, "data: {target: digits}\nbellman: {grid_points: 10}\n"))
 
 
-def test_resolved_digits_params_equal_the_old_budget_semantics(root):
-    """The move from the images budget to the profile changed no value of the default digits run."""
+def test_resolved_digits_params_are_the_images_profile(root):
+    """The default digits run resolves to the images profile's values (round 1: 40k midpoint pairs;
+    round 2: its own solver, Euler, not round 1's midpoint)."""
     p = resolve(root / "params.yaml", ["data.target=digits"]).params
     assert (p.pretrain.steps, p.pretrain.batch_size, p.pretrain.lr, p.pretrain.precision) == (4000, 128, 5e-4, "bf16")
-    assert (p.couple.n_pairs, p.couple.solver, p.couple.steps, p.couple.shard_size) == (10_000, "euler", 100, 2500)
+    assert (p.couple.n_pairs, p.couple.solver, p.couple.steps, p.couple.shard_size) == (40_000, "midpoint", 12, 2500)
     r2 = p.couple.for_round(2)
-    assert (r2.n_pairs, r2.steps, r2.precision, r2.schedule) == (120_000, 20, "bf16", "bellman")
+    assert (r2.n_pairs, r2.solver, r2.steps, r2.precision, r2.schedule) == (120_000, "euler", 20, "bf16", "bellman")
     assert (p.reflow.lr, p.reflow.time_dist, p.reflow.loss) == (2e-4, "u_shaped", "pseudo_huber")
     assert (p.distill.lr, p.distill.adversarial.weight, p.evaluate.rtol, p.bellman.n_samples) == (1e-4, 0.01, 1e-4, 256)
 
