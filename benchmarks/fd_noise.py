@@ -37,10 +37,32 @@ from benchmarks import common
 NAME = "fd_noise"
 
 
+def fd_extrapolated(f: np.ndarray, ref: np.ndarray, sizes: list[int]) -> tuple[float, list[float]]:
+    """FD at infinitely many samples (Chong & Forsyth 2020, "Effectively unbiased FID"): the FD of
+    ``f: (n, F)`` against ``ref`` is, to first order, FD∞ + c/size; fit that line by least squares
+    to the mean FD over the disjoint subsets of each of ``sizes`` (≥ 2 distinct sizes ≤ n) and
+    return its intercept FD∞ and the means it was fitted to."""
+    from rectflow.fd import frechet_distance
+
+    if len(set(sizes)) < 2 or max(sizes) > len(f):
+        raise ValueError(f"fd_extrapolated: need 2 distinct sizes ≤ {len(f)}, got {sizes}")
+    means = [float(np.mean([frechet_distance(f[k:k + m], ref) for k in range(0, len(f) - m + 1, m)])) for m in sizes]
+    slope, intercept = np.polyfit(1.0 / np.asarray(sizes, dtype=float), np.asarray(means), 1)
+    return float(intercept), means
+
+
+def extrapolation_sizes(n: int, subset: int) -> list[int]:
+    """The subset sizes of the FD∞ fit: ``subset``, 2·``subset``, 5·``subset`` … up to ``n`` (those ≤ n)."""
+    return sorted({m for m in (subset, 2 * subset, 5 * subset, n) if m <= n})
+
+
 def subset_figures(feats: dict[str, np.ndarray], ref: np.ndarray, subset: int, reference: str) -> dict[str, Any]:
     """FD of every model's features ``(n, F)`` against ``ref: (m, F)``: on all ``n``, on the
     ``n // subset`` disjoint subsets (rows ``[k·subset, (k+1)·subset)``, the same rows of the same
-    draw for every model), and each model's paired ratio to ``reference`` per subset and on all."""
+    draw for every model), extrapolated to infinitely many samples (:func:`fd_extrapolated`, when
+    n ≥ 2·subset), and each model's paired ratio to ``reference`` per subset, on all and at ∞.
+    The finite-n FD carries a positive bias ~ c/n shared by every model, which pulls every ratio
+    towards 1: a ratio at 1,000 samples reads smaller than the same models' ratio at 10,000."""
     from rectflow.fd import frechet_distance, frechet_distance_se
 
     n = min(len(f) for f in feats.values())
@@ -51,10 +73,16 @@ def subset_figures(feats: dict[str, np.ndarray], ref: np.ndarray, subset: int, r
         subs = [frechet_distance(f[k:k + subset], ref) for k in range(0, n - subset + 1, subset)]
         out[name] = {"fd_all": frechet_distance(f[:n], ref), "fd_subsets": subs,
                      "se_first_subset": frechet_distance_se(f[:subset], ref)}
+        sizes = extrapolation_sizes(n, subset)
+        if len(sizes) >= 2:
+            out[name]["fd_inf"], out[name]["fd_inf_fit"] = fd_extrapolated(f[:n], ref, sizes)
+            out[name]["fd_inf_sizes"] = sizes
     for name, rec in out.items():
         base = out[reference]
         rec["ratio_all"] = rec["fd_all"] / base["fd_all"]
         rec["ratio_subsets"] = [a / b for a, b in zip(rec["fd_subsets"], base["fd_subsets"])]
+        if "fd_inf" in rec:
+            rec["ratio_inf"] = rec["fd_inf"] / base["fd_inf"]
     return out
 
 
@@ -78,6 +106,31 @@ def cached_features(key: str, make: Any, use_cache: bool = True) -> np.ndarray:
     return out
 
 
+def model_features(stem: Path, z: Any, steps: int, net: Any, net_sha: str, use_cache: bool = True) -> tuple[np.ndarray, int]:
+    """Features ``(n, F)`` by ``net`` (whose weights hash to ``net_sha``) of the saved model ``stem``'s
+    samples from ``z: (n, *shape)`` (fp32, in chunks of 2,500): a flow takes ``steps`` Euler steps, a
+    student its one; and that NFE. Cached (:func:`cached_features`) by the model's weights, the
+    feature net's and the draw."""
+    import torch
+
+    from rectflow.fd import extract_features
+    from rectflow.io import file_sha256
+    from rectflow.models import load_model
+    from rectflow.solvers import solve
+
+    model, card = load_model(stem, "cpu")
+    k = steps if card["meta"].get("role", "flow") == "flow" else 1
+    draw = hashlib.sha256(z.numpy().tobytes()).hexdigest()[:16]
+    key = f"{file_sha256(stem.with_suffix('.safetensors'))[:16]}-{net_sha[:16]}-{draw}-euler{k}"
+
+    def make() -> np.ndarray:
+        with torch.inference_mode():
+            x = torch.cat([solve(model, z[i:i + 2500], "euler", k).x.float() for i in range(0, len(z), 2500)])
+        return extract_features(net, x.numpy())
+
+    return cached_features(key, make, use_cache), k
+
+
 def check_workspace(root: Path, models: list[str]) -> None:
     """InputError with one line naming the first thing a finished digits workspace lacks: its
     resolved params, the frozen feature net, a model of ``models``, ``metrics/eval.json``."""
@@ -98,14 +151,10 @@ def measure(root: Path, n: int, subset: int, steps: int, models: list[str], refe
     """The figures of one workspace: ``n`` source draws (:func:`tasks.evaluate.eval_noise` at this
     benchmark's own seed offset: N(0, I), or the source's test rows), each model integrated on the
     same draw, featurised by the workspace's feature net, then :func:`subset_figures`."""
-    import torch
-
     from rectflow.data import load_prepared
     from rectflow.fd import extract_features, load_feature_net
     from rectflow.io import file_sha256
     from rectflow.layout import Layout
-    from rectflow.models import load_model
-    from rectflow.solvers import solve
     from tasks.evaluate import eval_noise
 
     check_workspace(root, models)
@@ -115,21 +164,11 @@ def measure(root: Path, n: int, subset: int, steps: int, models: list[str], refe
     train = load_prepared(prepared, "target", "train").data
     ref = extract_features(net, train.numpy())
     z = eval_noise(p, Layout(root), n, tuple(train.shape[1:]), seed_offset=FD_NOISE_SEED_OFFSET)
-    draw = hashlib.sha256(z.numpy().tobytes()).hexdigest()[:16]
-    net_sha = file_sha256(prepared / "features.safetensors")[:16]
+    net_sha = file_sha256(prepared / "features.safetensors")
     feats, nfe = {}, {}
-    with torch.inference_mode():
-        for name in models:
-            model, card = load_model(root / "models" / name, "cpu")
-            k = steps if card["meta"].get("role", "flow") == "flow" else 1
-            sha = file_sha256(root / "models" / f"{name}.safetensors")[:16]
-
-            def make() -> np.ndarray:
-                x = torch.cat([solve(model, z[i:i + 2500], "euler", k).x.float() for i in range(0, n, 2500)])  # noqa: B023
-                return extract_features(net, x.numpy())
-
-            feats[name], nfe[name] = cached_features(f"{sha}-{net_sha}-{draw}-euler{k}", make, use_cache), k
-            print(f"[fd_noise] {root.name} {name}: {k} Euler step(s) on {n:,} draws", file=sys.stderr, flush=True)
+    for name in models:
+        feats[name], nfe[name] = model_features(root / "models" / name, z, steps, net, net_sha, use_cache)
+        print(f"[fd_noise] {root.name} {name}: {nfe[name]} Euler step(s) on {n:,} draws", file=sys.stderr, flush=True)
     figs = subset_figures(feats, ref, subset, reference)
     evald = json.loads((root / "metrics" / "eval.json").read_text())["rows"]
     for name in models:
@@ -148,7 +187,10 @@ def markdown(data: dict[str, Any]) -> str:
         f"Reproduce: `{data['command']}`", "",
         f"Each seed's finished workspace, its own feature net; {runs[0]['n']:,} draws per model (the same draw for "
         f"every model of a seed), FD on all of them and on {runs[0]['n'] // runs[0]['subset']} disjoint subsets of "
-        f"{runs[0]['subset']:,} (evaluate's size for images). Ratios are paired: the model ÷ {ref} on the same draws.",
+        f"{runs[0]['subset']:,} (evaluate's size for images). Ratios are paired: the model ÷ {ref} on the same draws. "
+        f"FD∞: the FD extrapolated to infinitely many samples (Chong & Forsyth 2020): a line FD∞ + c/m fitted to the mean FD "
+        f"over the disjoint subsets of m = {', '.join(f'{m:,}' for m in runs[0]['models'][ref].get('fd_inf_sizes', []))} "
+        "samples; every finite-m FD carries the positive c/m, shared by all models, that pulls ratios towards 1.",
         "",
     ]
     rows = []
@@ -158,12 +200,14 @@ def markdown(data: dict[str, Any]) -> str:
             rows.append([r["seed"], name, m["nfe"], "–" if m["evaluate_fd"] is None else f"{m['evaluate_fd']:.4f}",
                          f"{np.mean(subs):.3f} ± {np.std(subs, ddof=1):.3f} ({min(subs):.2f} – {max(subs):.2f})",
                          f"{m['se_first_subset']:.3f}",
-                         f"{m['fd_all']:.4f}",
+                         f"{m['fd_all']:.4f}", f"{m['fd_inf']:.4f}" if "fd_inf" in m else "–",
                          "–" if name == ref else f"{np.mean(rat):.3f} ± {np.std(rat, ddof=1):.3f}",
-                         "–" if name == ref else f"{m['ratio_all']:.3f}"])
+                         "–" if name == ref else f"{m['ratio_all']:.3f}",
+                         "–" if name == ref or "ratio_inf" not in m else f"{m['ratio_inf']:.3f}"])
     lines.append(common.md_table(
         ["seed", "model", "NFE", "evaluate FD (1,000)", f"FD of {runs[0]['subset']:,}: mean ± std (range)",
-         "bootstrap SE of one subset", f"FD of {runs[0]['n']:,}", f"÷ {ref}, {runs[0]['subset']:,}: mean ± std", f"÷ {ref}, {runs[0]['n']:,}"], rows))
+         "bootstrap SE of one subset", f"FD of {runs[0]['n']:,}", "FD∞ (fit)", f"÷ {ref}, {runs[0]['subset']:,}: mean ± std",
+         f"÷ {ref}, {runs[0]['n']:,}", f"÷ {ref}, ∞"], rows))
     lines += ["", common.env_lines(data["env"])]
     return "\n".join(lines)
 

@@ -135,6 +135,9 @@ def run(cfg: StudentsConfig, seed: int) -> dict[str, Any]:
     from rectflow.models import load_model
     from rectflow.nets import count_params
     from rectflow.params import load_params
+    from benchmarks.fd_noise import FD_NOISE_SEED_OFFSET, model_features
+    from rectflow.fd import extract_features, frechet_distance, load_feature_net
+    from rectflow.io import file_sha256
     from tasks.evaluate import eval_noise
     from tasks.features import fd_scorer
 
@@ -155,11 +158,13 @@ def run(cfg: StudentsConfig, seed: int) -> dict[str, Any]:
             _, t_chain["couple (repair)"] = common.timed(run_round, p, lay, p.reflow.rounds + 1)
         test = load_prepared(lay.prepared, "target", "test")
         images = len(test.shape) == 3
-        # images: evaluate's sample size unless --n-eval says (10,000 paired draws decide a 1.3× FD ratio;
-        # 1,000 cannot: BENCHMARKS "How much of a digits FD is the estimator")
+        # images: evaluate's sample size and draw, unless --n-eval says: then fd_noise's draw (10,000 paired
+        # draws decide a 1.3× FD ratio, 1,000 cannot: BENCHMARKS "How much of a digits FD is the estimator"),
+        # and the teachers' features come from its cache when it has scored the same weights on that draw
         n = (cfg.n_eval_images or p.evaluate.n_samples) if images else cfg.n_eval
         shape = tuple(test.shape)
-        z = eval_noise(p, lay, n, shape)
+        large = images and cfg.n_eval_images is not None
+        z = eval_noise(p, lay, n, shape, **({"seed_offset": FD_NOISE_SEED_OFFSET} if large else {}))
         if images:  # FD against the training split, as the evaluate stage
             scorer = fd_scorer(p, lay, torch.device("cpu"))
             assert scorer is not None, "no feature net in data/prepared"
@@ -174,10 +179,16 @@ def run(cfg: StudentsConfig, seed: int) -> dict[str, Any]:
         z_lat = torch.randn(1024 if not images else p.evaluate.latency_batch, *shape,
                             generator=torch.Generator().manual_seed(1))
         teachers = {}
+        if large:
+            net = load_feature_net(lay.prepared / "features")
+            ref_feats = extract_features(net, load_prepared(lay.prepared, "target", "train").data.numpy())
+            net_sha = file_sha256(lay.prepared / "features.safetensors")
         with torch.inference_mode():
             for name in ("rf1", "rf2"):
                 m, _ = load_model(lay.model(name), "cpu")
-                teachers[name] = {"w2_100": quality(_solve(m, z, 100)), "params": count_params(m)}
+                q = (frechet_distance(model_features(lay.model(name), z, 100, net, net_sha)[0], ref_feats) if large
+                     else quality(_solve(m, z, 100)))
+                teachers[name] = {"w2_100": q, "params": count_params(m)}
         rows = []
         for label, extra in students(cfg):
             if extra is None:  # the reused run's own student
@@ -245,7 +256,7 @@ def markdown(data: dict[str, Any]) -> str:
         f"{cfg['slim_reflow_steps']} of them annealing reflow)."
         + (" The regression students and `slimflow + adversarial` keep the images profile's adversarial term "
            "(weight 0.01); `slimflow` and MeanFlow run without it. FD: the evaluate stage's (its frozen feature net, against the training "
-           "split)." if metric == "FD" else ""),
+           f"split), on {runs[0].get('n_eval', 1000):,} samples per model, the same draw for every model of a seed." if metric == "FD" else ""),
         "",
         common.md_table(["student", "parameters", f"{metric} @1", "÷ rf2 @100", "÷ rf1 @100", "µs/sample b1",
                          f"µs/sample b{lb}", "train s"], rows),

@@ -194,6 +194,10 @@ def test_fd_noise_subset_figures_against_closed_form():
     assert abs(out["same"]["fd_all"]) < 0.02 and abs(out["shifted"]["fd_all"] - 4.0) < 0.15
     assert len(out["shifted"]["fd_subsets"]) == 4 and out["same"]["ratio_subsets"] == [1.0] * 4
     assert out["shifted"]["ratio_all"] == out["shifted"]["fd_all"] / out["same"]["fd_all"]
+    # FD∞: fitted on subsets of 2,000, 4,000 and 8,000; the finite-sample bias (~ trace terms / m) goes
+    assert out["same"]["fd_inf_sizes"] == [2_000, 4_000, 8_000]
+    assert abs(out["same"]["fd_inf"]) < abs(out["same"]["fd_subsets"][0]) and abs(out["same"]["fd_inf"]) < 0.01
+    assert abs(out["shifted"]["fd_inf"] - 4.0) < 0.15 and out["same"]["ratio_inf"] == 1.0
     with pytest.raises(ValueError, match="fewer than one subset"):
         subset_figures({"same": feats["same"][:10]}, ref, 2_000, "same")
 
@@ -222,6 +226,11 @@ def test_workspace_benchmarks_refuse_bad_workspaces_with_one_line(tmp_path, caps
     with pytest.raises(SystemExit) as e:
         fd_noise.main(["--workspaces", str(tmp_path / "nope")])
     assert e.value.code == 2 and "not a directory" in capsys.readouterr().err
+    from benchmarks import reflow_fit
+
+    with pytest.raises(SystemExit) as e:
+        reflow_fit.main(["--workspace", str(ws)])
+    assert e.value.code == 2 and "data/prepared/features.safetensors is missing" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         fd_noise.main(["--workspaces", str(ws), "--label", "Bad label"])
     assert e.value.code == 2 and "--label 'Bad label'" in capsys.readouterr().err
