@@ -121,6 +121,25 @@ def workspace_params(root: Path):  # type: ignore[no-untyped-def]
     return validate(read_yaml(path), str(path))
 
 
+def solve_chunked(model, z, steps: int, chunk: int = 2500):  # type: ignore[no-untyped-def]
+    """``steps`` Euler steps of ``model`` from ``z: (n, *shape)``, ``chunk`` rows at a time (couple's
+    batch), under inference mode; fp32 ``(n, *shape)`` out."""
+    import torch
+
+    from rectflow.solvers import solve
+
+    with torch.inference_mode():
+        return torch.cat([solve(model, z[i:i + chunk], "euler", steps).x.float() for i in range(0, len(z), chunk)])
+
+
+def result_label(label: str | None) -> str | None:
+    """A ``--label`` of a benchmark that publishes as NAME_LABEL: lower-case letters, digits and _ (or
+    None); ValueError with one line otherwise (``main`` turns it into ``ap.error``)."""
+    if label is not None and not re.fullmatch(r"[a-z0-9_]+", label):
+        raise ValueError(f"--label {label!r}: expected lower-case letters, digits and _")
+    return label
+
+
 def timed(fn, *args, **kwargs) -> tuple[Any, float]:
     t0 = time.perf_counter()
     out = fn(*args, **kwargs)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import re
 import shlex
 import sys
 from pathlib import Path
@@ -111,12 +110,9 @@ def model_features(stem: Path, z: Any, steps: int, net: Any, net_sha: str, use_c
     samples from ``z: (n, *shape)`` (fp32, in chunks of 2,500): a flow takes ``steps`` Euler steps, a
     student its one; and that NFE. Cached (:func:`cached_features`) by the model's weights, the
     feature net's and the draw."""
-    import torch
-
     from rectflow.fd import extract_features
     from rectflow.io import file_sha256
     from rectflow.models import load_model
-    from rectflow.solvers import solve
 
     model, card = load_model(stem, "cpu")
     k = steps if card["meta"].get("role", "flow") == "flow" else 1
@@ -124,25 +120,23 @@ def model_features(stem: Path, z: Any, steps: int, net: Any, net_sha: str, use_c
     key = f"{file_sha256(stem.with_suffix('.safetensors'))[:16]}-{net_sha[:16]}-{draw}-euler{k}"
 
     def make() -> np.ndarray:
-        with torch.inference_mode():
-            x = torch.cat([solve(model, z[i:i + 2500], "euler", k).x.float() for i in range(0, len(z), 2500)])
-        return extract_features(net, x.numpy())
+        return extract_features(net, common.solve_chunked(model, z, k).numpy())
 
     return cached_features(key, make, use_cache), k
 
 
-def check_workspace(root: Path, models: list[str]) -> None:
-    """InputError with one line naming the first thing a finished digits workspace lacks: its
-    resolved params, the frozen feature net, a model of ``models``, ``metrics/eval.json``."""
+def check_workspace(root: Path, models: list[str], flag: str = "--workspaces", extra: tuple[str, ...] = ("metrics/eval.json",)) -> None:
+    """InputError with one line (naming ``flag``) for the first thing a finished digits workspace
+    lacks: its resolved params, the frozen feature net, a model of ``models``, the files ``extra``."""
     from rectflow.errors import InputError
 
     if not root.is_dir():
-        raise InputError(f"--workspaces {root}: not a directory (give finished `rectflow run --set data.target=digits` workspaces)")
+        raise InputError(f"{flag} {root}: not a directory (give finished `rectflow run --set data.target=digits` workspaces)")
     need = [root / "params.resolved.yaml", root / "data" / "prepared" / "features.safetensors",
-            *(root / "models" / f"{m}.safetensors" for m in models), root / "metrics" / "eval.json"]
+            *(root / "models" / f"{m}.safetensors" for m in models), *(root / e for e in extra)]
     missing = next((f for f in need if not f.is_file()), None)
     if missing is not None:
-        raise InputError(f"--workspaces {root}: {missing.relative_to(root)} is missing (a finished image run has it; "
+        raise InputError(f"{flag} {root}: {missing.relative_to(root)} is missing (a finished image run has it; "
                          "the models are named by --models)")
 
 
@@ -227,8 +221,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     if args.reference not in args.models:
         ap.error(f"--reference {args.reference} must be one of --models")
-    if args.label is not None and not re.fullmatch(r"[a-z0-9_]+", args.label):
-        ap.error(f"--label {args.label!r}: expected lower-case letters, digits and _")
+    try:
+        common.result_label(args.label)
+    except ValueError as e:
+        ap.error(str(e))
     if args.n < args.subset:
         ap.error(f"--n {args.n} must be at least --subset {args.subset}")
     from rectflow.errors import InputError

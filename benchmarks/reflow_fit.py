@@ -19,7 +19,6 @@ from (and go to) fd_noise's cache.
 from __future__ import annotations
 
 import argparse
-import re
 import shlex
 import sys
 import time
@@ -52,8 +51,6 @@ def pair_noise(root: Path, n: int) -> tuple[Any, np.ndarray, dict[str, Any]]:
         have += len(z0)
         if have >= n:
             break
-    if have < n:
-        raise ValueError(f"{rd}: {have} pairs, fewer than --n {n}")
     return torch.as_tensor(np.concatenate(z0s)[:n]).float(), np.concatenate(z1s)[:n], man
 
 
@@ -65,10 +62,7 @@ def fit_figures(root: Path, n: int, models: list[str]) -> dict[str, Any]:
     from rectflow.io import file_sha256
     from rectflow.layout import Layout
     from rectflow.models import load_model
-    from rectflow.solvers import solve
     from tasks.evaluate import eval_noise
-
-    import torch
 
     p = common.workspace_params(root)
     prepared = root / "data" / "prepared"
@@ -83,13 +77,12 @@ def fit_figures(root: Path, n: int, models: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {"n": n, "round1_solver": man["solver"], "round1_pairs": man["n_pairs"],
                            "rf1": {"fd_pairs": base_pairs, "fd_fresh": base_fresh}}
     for name in models:
-        model, card = load_model(root / "models" / name, "cpu")
-        k = 100 if card["meta"].get("role", "flow") == "flow" else 1
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            xp = torch.cat([solve(model, z0[i:i + 2500], "euler", k).x.float() for i in range(0, n, 2500)]).numpy()
+        feats_fresh, k = model_features(root / "models" / name, fresh, 100, net, net_sha)
+        model, _ = load_model(root / "models" / name, "cpu")
+        xp = common.solve_chunked(model, z0, k).numpy()
         fd_pairs = frechet_distance(extract_features(net, xp), ref)
-        fd_fresh = frechet_distance(model_features(root / "models" / name, fresh, 100, net, net_sha)[0], ref)
+        fd_fresh = frechet_distance(feats_fresh, ref)
         out[name] = {"nfe": k, "fd_pairs": fd_pairs, "fd_fresh": fd_fresh, "ratio_pairs": fd_pairs / base_pairs,
                      "ratio_fresh": fd_fresh / base_fresh, "mse_to_pairs": float(((xp - z1) ** 2).mean()),
                      "seconds": time.perf_counter() - t0}
@@ -157,15 +150,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     from benchmarks.fd_noise import check_workspace
     from rectflow.errors import InputError
+    from rectflow.pairs import read_manifest
 
     root = Path(args.workspace).resolve()
-    if args.label is not None and not re.fullmatch(r"[a-z0-9_]+", args.label):
-        ap.error(f"--label {args.label!r}: expected lower-case letters, digits and _")
-    try:
-        check_workspace(root, ["rf1", *args.models])
+    try:  # every input checked before the first (minutes-long) integration
+        common.result_label(args.label)
+        check_workspace(root, ["rf1", *args.models], "--workspace", ("data/couplings/round-1/manifest.json",))
         seed = common.workspace_params(root).seed
-    except InputError as e:
+        have = read_manifest(root / "data" / "couplings" / "round-1")["n_pairs"]
+    except (InputError, ValueError) as e:
         ap.error(str(e))
+    if not 2 <= args.n <= have:
+        ap.error(f"--n {args.n}: expected 2 to the round's {have:,} pairs")
+    if args.n_accuracy < 1:
+        ap.error(f"--n-accuracy {args.n_accuracy}: expected at least 1")
     common.set_threads()
     env = common.environment()
     data = {"seed": seed, "label": args.label, "env": env,

@@ -117,15 +117,6 @@ def latency(model: Any, z: Any, repeats: int) -> float:
     return statistics.median(times) * 1000 / len(z)
 
 
-def _solve(model: Any, z: Any, steps: int, chunk: int = 2500) -> Any:
-    """``steps`` Euler steps of ``model`` from ``z: (n, *shape)`` in chunks of ``chunk`` rows (fp32 out)."""
-    import torch
-
-    from rectflow.solvers import solve
-
-    return torch.cat([solve(model, z[i:i + chunk], "euler", steps).x.float() for i in range(0, len(z), chunk)])
-
-
 def run(cfg: StudentsConfig, seed: int) -> dict[str, Any]:
     import torch
 
@@ -187,7 +178,7 @@ def run(cfg: StudentsConfig, seed: int) -> dict[str, Any]:
             for name in ("rf1", "rf2"):
                 m, _ = load_model(lay.model(name), "cpu")
                 q = (frechet_distance(model_features(lay.model(name), z, 100, net, net_sha)[0], ref_feats) if large
-                     else quality(_solve(m, z, 100)))
+                     else quality(common.solve_chunked(m, z, 100)))
                 teachers[name] = {"w2_100": q, "params": count_params(m)}
         rows = []
         for label, extra in students(cfg):
@@ -196,8 +187,7 @@ def run(cfg: StudentsConfig, seed: int) -> dict[str, Any]:
             else:
                 rec, secs = common.timed(common.run_stage, "distill", root, ov + extra)
             model, card = load_model(lay.model("distilled"), "cpu")
-            with torch.inference_mode():
-                x = _solve(model, z, 1)
+            x = common.solve_chunked(model, z, 1)
             s = rec["students"][0]
             q = quality(x)
             rows.append({

@@ -230,7 +230,8 @@ def test_workspace_benchmarks_refuse_bad_workspaces_with_one_line(tmp_path, caps
 
     with pytest.raises(SystemExit) as e:
         reflow_fit.main(["--workspace", str(ws)])
-    assert e.value.code == 2 and "data/prepared/features.safetensors is missing" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--workspace " in err and "data/prepared/features.safetensors is missing" in err
     with pytest.raises(SystemExit) as e:
         fd_noise.main(["--workspaces", str(ws), "--label", "Bad label"])
     assert e.value.code == 2 and "--label 'Bad label'" in capsys.readouterr().err
