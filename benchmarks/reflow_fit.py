@@ -11,9 +11,15 @@ Two measurements on a finished image workspace (``rectflow run --set data.target
    missing the rest: too few pairs.
 2. **Round-1 pair accuracy.** rf1 integrated by each solver from ``--n-accuracy`` draws, against
    RK45 at rtol = atol = 1e-5: MSE per dimension, NFE and seconds.
+3. **Reconstruction by where the data comes from** (issue #18's measure, evaluate's
+   :func:`rectflow.metrics.reconstruction`: invert by Euler, regenerate by Euler at the same steps,
+   MSE per dimension): rf1 and rf2 on ``--n-recon`` held-out target rows (as evaluate), on rf1's own
+   samples (the round-1 pairs' Z1) and on rf2's own samples (100 Euler steps from fresh noise). If
+   rf2 / rf1 is as far from 0 on rf2's own samples as on held-out data, what limits it is rf2's
+   backward field itself, not held-out data lying off the pairs.
 
-Run: ``python -m benchmarks.reflow_fit --workspace DIR [--label NAME]``. The fresh-noise features come
-from (and go to) fd_noise's cache.
+Run: ``python -m benchmarks.reflow_fit --workspace DIR [--label NAME] [--parts fit accuracy
+reconstruction]``. The fresh-noise features come from (and go to) fd_noise's cache.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from benchmarks import common
 NAME = "reflow_fit"
 SOLVERS: tuple[tuple[str, int], ...] = (("euler", 100), ("euler", 200), ("midpoint", 8), ("midpoint", 12),
                                         ("midpoint", 16), ("heun", 12))
+PARTS = ("fit", "accuracy", "reconstruction")
+RECON_STEPS = (1, 2, 4, 8)
 
 
 def pair_noise(root: Path, n: int) -> tuple[Any, np.ndarray, dict[str, Any]]:
@@ -115,28 +123,69 @@ def accuracy_figures(root: Path, n: int, solvers: tuple[tuple[str, int], ...] = 
     return {"n": n, "rows": rows}
 
 
+def reconstruction_figures(root: Path, n: int, steps: tuple[int, ...] = RECON_STEPS) -> dict[str, Any]:
+    """Part 3: Euler reconstruction MSE of rf1 and rf2 at each of ``steps`` on ``n`` rows of each of
+    held-out target data, rf1's samples (the round-1 pairs' Z1) and rf2's samples (100 Euler steps
+    from fresh noise, fd_noise's draw)."""
+    import torch
+
+    from benchmarks.fd_noise import FD_NOISE_SEED_OFFSET
+    from rectflow.data import load_prepared
+    from rectflow.layout import Layout
+    from rectflow.metrics import reconstruction
+    from rectflow.models import load_model
+    from tasks.evaluate import eval_noise
+
+    p = common.workspace_params(root)
+    test = load_prepared(root / "data" / "prepared", "target", "test").data[:n].float()
+    rf1, _ = load_model(root / "models" / "rf1", "cpu")
+    rf2, _ = load_model(root / "models" / "rf2", "cpu")
+    fresh = eval_noise(p, Layout(root), n, tuple(test.shape[1:]), seed_offset=FD_NOISE_SEED_OFFSET)
+    sets = {"held-out target rows": test,
+            "rf1's samples (round-1 pairs' Z1)": torch.as_tensor(pair_noise(root, n)[1]).float(),
+            "rf2's samples (100 Euler steps)": common.solve_chunked(rf2, fresh, 100)}
+    rows = []
+    with torch.inference_mode():
+        for origin, x in sets.items():
+            for k in steps:
+                a = float(reconstruction(rf1, x, "euler", k)["mse"])
+                b = float(reconstruction(rf2, x, "euler", k)["mse"])
+                rows.append({"data": origin, "n": len(x), "steps": k, "rf1": a, "rf2": b, "ratio": b / a})
+    return {"n": n, "rows": rows}
+
+
 def markdown(data: dict[str, Any]) -> str:
-    fit, acc = data["fit"], data["accuracy"]
     title = "## Does rf2 generalise beyond its pairs? (reflow fit)" if not data.get("label") else \
         f"### Reflow fit: {data['label'].replace('_', ' ')}"
-    rows = [[name, m["nfe"], f"{m['fd_pairs']:.4f}", f"{m['ratio_pairs']:.3f}", f"{m['fd_fresh']:.4f}",
-             f"{m['ratio_fresh']:.3f}", f"{m['mse_to_pairs']:.5f}"]
-            for name, m in fit.items() if isinstance(m, dict) and "nfe" in m]
-    s = fit["round1_solver"]
-    return "\n".join([
-        title, "",
-        f"Reproduce: `{data['command']}`", "",
-        f"Workspace seed {data['seed']}; round 1: {fit['round1_pairs']:,} pairs by {s['name']} {s['steps']} steps. "
-        f"FD of {fit['n']:,} samples against the training split, from the noise of the first {fit['n']:,} round-1 pairs "
-        f"and from fresh noise (fd_noise's draw); ratios paired with rf1 on the same noise (rf1 on the pairs' noise: the "
-        f"pairs' Z1, FD {fit['rf1']['fd_pairs']:.4f}; on fresh noise 100 Euler steps, FD {fit['rf1']['fd_fresh']:.4f}).", "",
-        common.md_table(["model", "NFE", "FD, pairs' noise", "÷ rf1", "FD, fresh noise", "÷ rf1",
-                         "MSE to the pairs' Z1"], rows), "",
-        f"Round-1 solvers on rf1 against RK45 at rtol = atol = 1e-5, {acc['n']:,} draws:", "",
-        common.md_table(["solver", "NFE", "MSE per dimension", "seconds"],
-                        [[r["solver"], r["nfe"], f"{r['mse']:.2e}", f"{r['seconds']:.2f}"] for r in acc["rows"]]), "",
-        common.env_lines(data["env"]),
-    ])
+    out = [title, "", f"Reproduce: `{data['command']}`", ""]
+    fit = data.get("fit")
+    if fit:
+        rows = [[name, m["nfe"], f"{m['fd_pairs']:.4f}", f"{m['ratio_pairs']:.3f}", f"{m['fd_fresh']:.4f}",
+                 f"{m['ratio_fresh']:.3f}", f"{m['mse_to_pairs']:.5f}"]
+                for name, m in fit.items() if isinstance(m, dict) and "nfe" in m]
+        s = fit["round1_solver"]
+        out += [
+            f"Workspace seed {data['seed']}; round 1: {fit['round1_pairs']:,} pairs by {s['name']} {s['steps']} steps. "
+            f"FD of {fit['n']:,} samples against the training split, from the noise of the first {fit['n']:,} round-1 "
+            f"pairs and from fresh noise (fd_noise's draw); ratios paired with rf1 on the same noise (rf1 on the pairs' "
+            f"noise: the pairs' Z1, FD {fit['rf1']['fd_pairs']:.4f}; on fresh noise 100 Euler steps, FD "
+            f"{fit['rf1']['fd_fresh']:.4f}).", "",
+            common.md_table(["model", "NFE", "FD, pairs' noise", "÷ rf1", "FD, fresh noise", "÷ rf1",
+                             "MSE to the pairs' Z1"], rows), ""]
+    acc = data.get("accuracy")
+    if acc:
+        out += [f"Round-1 solvers on rf1 against RK45 at rtol = atol = 1e-5, {acc['n']:,} draws:", "",
+                common.md_table(["solver", "NFE", "MSE per dimension", "seconds"],
+                                [[r["solver"], r["nfe"], f"{r['mse']:.2e}", f"{r['seconds']:.2f}"] for r in acc["rows"]]),
+                ""]
+    rec = data.get("reconstruction")
+    if rec:
+        out += [f"Euler reconstruction (invert, then regenerate, same steps; MSE per dimension), workspace seed "
+                f"{data['seed']}, up to {rec['n']:,} rows of each origin (n per row in the JSON):", "",
+                common.md_table(["data", "Euler steps", "rf1", "rf2", "rf2 ÷ rf1"],
+                                [[r["data"], r["steps"], f"{r['rf1']:.4g}", f"{r['rf2']:.4g}", f"{r['ratio']:.3f}"]
+                                 for r in rec["rows"]]), ""]
+    return "\n".join([*out, common.env_lines(data["env"])])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -145,6 +194,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--n", type=int, default=10_000, help="samples per model and noise (≤ the round-1 pairs)")
     ap.add_argument("--n-accuracy", type=int, default=500)
     ap.add_argument("--models", nargs="+", default=["rf2", "distilled"])
+    ap.add_argument("--n-recon", type=int, default=300, help="rows of each origin in the reconstruction part")
+    ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     ap.add_argument("--label", default=None, help="publish as reflow_fit_LABEL")
     ap.add_argument("--quick", action="store_true", help="results to the quick JSON only")
     args = ap.parse_args(argv)
@@ -155,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     root = Path(args.workspace).resolve()
     try:  # every input checked before the first (minutes-long) integration
         common.result_label(args.label)
-        check_workspace(root, ["rf1", *args.models], "--workspace", ("data/couplings/round-1/manifest.json",))
+        check_workspace(root, ["rf1", "rf2", *args.models], "--workspace", ("data/couplings/round-1/manifest.json",))
         seed = common.workspace_params(root).seed
         have = read_manifest(root / "data" / "couplings" / "round-1")["n_pairs"]
     except (InputError, ValueError) as e:
@@ -164,10 +215,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ap.error(f"--n {args.n}: expected 2 to the round's {have:,} pairs")
     if args.n_accuracy < 1:
         ap.error(f"--n-accuracy {args.n_accuracy}: expected at least 1")
+    if not 1 <= args.n_recon <= have:
+        ap.error(f"--n-recon {args.n_recon}: expected 1 to the round's {have:,} pairs")
     common.set_threads()
     env = common.environment()
+    parts = set(args.parts)
     data = {"seed": seed, "label": args.label, "env": env,
-            "fit": fit_figures(root, args.n, args.models), "accuracy": accuracy_figures(root, args.n_accuracy),
+            "fit": fit_figures(root, args.n, args.models) if "fit" in parts else None,
+            "accuracy": accuracy_figures(root, args.n_accuracy) if "accuracy" in parts else None,
+            "reconstruction": reconstruction_figures(root, args.n_recon) if "reconstruction" in parts else None,
             "command": "python -m benchmarks.reflow_fit " + shlex.join(argv if argv is not None else sys.argv[1:])}
     common.publish(NAME if args.label is None else f"{NAME}_{args.label}", data, markdown(data), args.quick)
     return data

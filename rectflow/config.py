@@ -343,6 +343,12 @@ class DistillParams(TrainParams):
         default_factory=AdversarialParams,
         description="weight (λ; 0: off), lr, channels of the discriminator added to the regression.",
     )
+    pairs_round: PosInt | None = Field(
+        None, description="The coupling round whose pairs the students learn (from the last flow's weights): "
+        "null: the last flow's own pairs (round reflow.rounds + 1, made by the reflow stage; the recipe); K: round "
+        "K's (1: rf1's pairs, the coupling the reflowed flows straightened; the reflow stage then makes no round "
+        "reflow.rounds + 1). At most reflow.rounds + 1.",
+    )
     student: ModelParams | None = Field(
         None, description="The students' own architecture (keys as in `model`; kind auto follows the data). "
         "None: the teacher's, initialised from its weights; another architecture starts from random weights.",
@@ -551,6 +557,10 @@ class Params(Section):
             if m.time_embed % 4:
                 raise ValueError(f"{key}.time_embed: distill.method 'meanflow' embeds two times in it (half each): "
                                  f"needs a multiple of 4, got {m.time_embed}")
+        last = self.reflow.rounds + 1
+        if self.distill.pairs_round is not None and self.distill.pairs_round > last:
+            raise ValueError(f"distill.pairs_round: {self.distill.pairs_round} > reflow.rounds + 1 ({last}), the last "
+                             "coupling round there is (null: that last round)")
         return self
 
     @model_validator(mode="after")
@@ -561,7 +571,8 @@ class Params(Section):
             raise ValueError(f"couple.steps: {self.couple.steps} > bellman.grid_points ({top}), the largest K "
                              "of a saved BOSS schedule (couple.schedule is 'bellman')")
         later = self.couple.for_round(2)
-        if later.schedule == "bellman" and later.steps > top:
+        round_two = self.reflow.rounds > 1 or self.distill.pairs_round in (None, 2)  # rectflow.stages.coupled_rounds
+        if round_two and later.schedule == "bellman" and later.steps > top:
             raise ValueError(f"couple.reflowed: {later.steps} steps > bellman.grid_points ({top}), the largest K "
                              "of a saved BOSS schedule (rounds ≥ 2 use schedule 'bellman')")
         for i, e in enumerate(self.evaluate.grid):

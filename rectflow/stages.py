@@ -23,7 +23,7 @@ from typing import Literal
 from rectflow.config import Params
 
 __all__ = [
-    "DDP_STAGES", "PIPELINE", "REGISTRY", "STAGES", "Out", "Stage", "check_data_inputs", "data_inputs", "flow_names", "last_flow", "stage",
+    "DDP_STAGES", "PIPELINE", "REGISTRY", "STAGES", "Out", "Stage", "check_data_inputs", "coupled_rounds", "data_inputs", "distill_round", "flow_names", "last_flow", "stage",
     "student_names", "variant_names",
 ]
 
@@ -41,6 +41,19 @@ def flow_names(p: Params) -> list[str]:
 def last_flow(p: Params) -> str:
     """The flow distillation learns from: rf{rounds + 1}."""
     return f"rf{p.reflow.rounds + 1}"
+
+
+def distill_round(p: Params) -> int:
+    """The coupling round the students learn from: ``distill.pairs_round``, else the last flow's own
+    (round ``reflow.rounds + 1``)."""
+    return p.distill.pairs_round or p.reflow.rounds + 1
+
+
+def coupled_rounds(p: Params) -> list[int]:
+    """The coupling rounds a run makes: 1 … ``reflow.rounds`` (each trains the next flow), and the
+    last flow's own round ``reflow.rounds + 1`` only when distillation learns from it."""
+    last = p.reflow.rounds + 1
+    return list(range(1, last)) + ([last] if distill_round(p) == last else [])
 
 
 def student_names(k: int) -> list[tuple[str, int]]:
@@ -113,7 +126,8 @@ def _round(k: int) -> str:
 def _reflow_outputs(p: Params) -> list[Out]:
     outs: list[Out] = []
     for r in range(1, p.reflow.rounds + 1):
-        outs += [Out(f) for f in _model(f"rf{r + 1}", schedule=True)] + [Out(_round(r + 1)), _history(f"rf{r + 1}")]
+        outs += [Out(f) for f in _model(f"rf{r + 1}", schedule=True)] + [_history(f"rf{r + 1}")]
+        outs += [Out(_round(r + 1))] if r + 1 in coupled_rounds(p) else []
     return outs + [_metrics("reflow")]
 
 
@@ -123,7 +137,7 @@ def _student_files(p: Params) -> list[str]:
 
 def _evaluate_inputs(p: Params) -> list[str]:
     flows = flow_names(p)
-    files = ["data/prepared", *(_round(k) for k in range(1, len(flows) + 1))]
+    files = ["data/prepared", *(_round(k) for k in coupled_rounds(p))]
     for name in flows:
         files += [f"models/{name}.safetensors", f"models/{name}.schedule.json"]
     return files + [f"models/{name}.safetensors" for name, _ in student_names(p.distill.k)] + [
@@ -185,15 +199,15 @@ REGISTRY: tuple[Stage, ...] = (
     ),
     Stage(
         "reflow", "rf{r+1} on round r's pairs from rf{r}'s weights, then round r+1's pairs, r = 1 … reflow.rounds",
-        params=("seed", "data", "couple", "reflow", "distill.guidance_input", "distill.guidance_range", "bellman",
-                "storage"),
+        params=("seed", "data", "couple", "reflow", "distill.guidance_input", "distill.guidance_range",
+                "distill.pairs_round", "bellman", "storage"),
         inputs=lambda p: ["data/prepared", _round(1), *_model("rf1")],
         outputs=_reflow_outputs, ddp=True,
     ),
     Stage(
         "distill", "the one-step student (and a k-step one) of the last flow, on its pairs",
         params=("seed", "reflow.rounds", "distill", "storage"),
-        inputs=lambda p: ["data/prepared", _round(p.reflow.rounds + 1), *_model(last_flow(p))],  # SlimFlow draws ε
+        inputs=lambda p: ["data/prepared", _round(distill_round(p)), *_model(last_flow(p))],  # SlimFlow draws ε
         outputs=lambda p: [*(Out(f) for f in _student_files(p)),
                            *(_history(name) for name, _ in student_names(p.distill.k)), _metrics("distill")],
         ddp=True,
@@ -206,7 +220,8 @@ REGISTRY: tuple[Stage, ...] = (
     ),
     Stage(
         "evaluate", "every model against NFE: W2, MMD, FD, straightness, transport cost, latency, size",
-        params=("seed", "evaluate", "couple.guidance", "reflow.rounds", "distill.k", "quantize.variants"),
+        params=("seed", "evaluate", "couple.guidance", "reflow.rounds", "distill.k", "distill.pairs_round",
+                "quantize.variants"),
         inputs=_evaluate_inputs,
         outputs=lambda p: [Out("plots/trajectories.png", cache=False), Out("plots/nfe_w2.csv", "plots", cache=False),
                            Out("plots/pareto.png", cache=False),

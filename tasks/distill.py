@@ -1,6 +1,7 @@
 """Stage 5, distill: a one-step (and, with ``distill.k > 1``, a k-step) student of the last flow.
 
-Trained on the last flow's own pairs (Z0, Z1), initialised from its weights (or, with
+Trained on the last flow's own pairs (Z0, Z1), or on round ``distill.pairs_round``'s (round 1: the
+coupling of rf1 that the reflowed flows straightened), initialised from the last flow's weights (or, with
 ``distill.student`` another architecture, from seeded random weights), by ``distill.method``:
 
 - ``regression`` (the recipe): the rectified-flow objective restricted to t = 0 (one step:
@@ -28,7 +29,7 @@ from rectflow.data import load_prepared
 from rectflow.layout import Layout
 from rectflow.nets import arch_from_params, build_model, load_state, read_model_card
 from rectflow.objectives import MeanFlowLoss, Objective, SlimFlowLoss
-from rectflow.stages import last_flow, student_names
+from rectflow.stages import distill_round, last_flow, student_names
 from tasks._common import device, model_sha, open_pairs, teacher, train_and_save
 
 
@@ -64,7 +65,7 @@ def _objective(p: Params, layout: Layout, parent: str, k: int, dev: torch.device
 
 def run(p: Params, layout: Layout) -> dict:
     dev = device()
-    last = p.reflow.rounds + 1
+    pairs_round = distill_round(p)
     parent = last_flow(p)
     card = read_model_card(layout.model(parent))
     arch = student_arch(p, card["arch"])
@@ -83,7 +84,7 @@ def run(p: Params, layout: Layout) -> dict:
             with torch.random.fork_rng():
                 torch.manual_seed(p.seed + 300 + k)
                 model = build_model(arch)
-        batches = open_pairs(p, layout, last, seed=p.seed + 100 + k, dev=dev, model=parent)  # local, else S3
+        batches = open_pairs(p, layout, pairs_round, seed=p.seed + 100 + k, dev=dev, model=parent)  # local, else S3
         man = batches.man
         adv = p.distill.adversarial
         # a conditional student gets a projection discriminator D(x, y) (rectflow.adversarial)
@@ -91,8 +92,9 @@ def run(p: Params, layout: Layout) -> dict:
                                device=dev, classes=int(arch.get("classes", 0))) if adv.weight > 0 else None)
         out.append(train_and_save(
             p=p, layout=layout, name=name, model=model, arch=arch, batches=batches, cfg=cfg,
-            seed=p.seed + 100 + k, inputs={parent: model_sha(layout, parent), f"round-{last}": man["fingerprint"]},
-            meta={"role": "student", "steps": k, "parent": parent, "init": "teacher" if warm else "random",
+            seed=p.seed + 100 + k, inputs={parent: model_sha(layout, parent), f"round-{pairs_round}": man["fingerprint"]},
+            meta={"role": "student", "steps": k, "parent": parent, "pairs_round": pairs_round,
+                  "init": "teacher" if warm else "random",
                   "method": p.distill.method}, dev=dev,
             time_dist="discrete", k=k,
             adversary=adversary, objective=_objective(p, layout, parent, k, dev, adversary),

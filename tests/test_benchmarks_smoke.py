@@ -258,3 +258,19 @@ def test_fd_noise_feature_cache_round_trips_by_key(tmp_path, monkeypatch):
     assert len(calls) == 2 and np.array_equal(c, 2 * a)
     fd_noise.cached_features("k2", make)
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["k1.npy", "k2.npy"]
+
+
+def test_reflow_fit_markdown_renders_only_the_parts_run():
+    """reflow_fit --parts: a run of one part publishes that part's table alone (no KeyError on the
+    parts not run), with the rf2 ÷ rf1 column of the reconstruction part as computed."""
+    from benchmarks import reflow_fit
+
+    env = common.environment()
+    rows = [{"data": "held-out target rows", "n": 3, "steps": 4, "rf1": 0.1, "rf2": 0.02, "ratio": 0.2}]
+    md = reflow_fit.markdown({"seed": 0, "label": None, "env": env, "command": "x", "fit": None, "accuracy": None,
+                              "reconstruction": {"n": 3, "rows": rows}})
+    assert "| held-out target rows | 4 | 0.1 | 0.02 | 0.200 |" in md
+    assert "FD, pairs' noise" not in md and "Round-1 solvers" not in md
+    with pytest.raises(SystemExit) as e:
+        reflow_fit.main(["--workspace", "/nonexistent", "--parts", "nothing"])
+    assert e.value.code == 2

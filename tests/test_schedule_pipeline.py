@@ -188,3 +188,25 @@ def test_reflowed_rounds_use_couple_reflowed(ws: Path) -> None:
     assert man["solver"]["steps"] == 2 and man["solver"]["schedule"] == "bellman"
     assert man["solver"]["times"] == load_schedule(ws / "models" / "rf2")[2].tolist()
     assert read_manifest(ws / "data/couplings/round-1")["n_pairs"] == 600  # round 1 untouched
+
+
+def test_students_learn_round_one_without_a_last_round(ws: Path) -> None:
+    """distill.pairs_round: 1: the reflow stage trains rf2 and makes no round 2; the student starts
+    from rf2 and learns round 1's pairs (its card names them); evaluate's transport costs cover the
+    rounds made."""
+    from rectflow.pairs import read_manifest
+    from tasks.runner import run_stage
+
+    over = [*OVERRIDES, "distill.pairs_round=1"]
+    for name in ("couple", "reflow", "distill"):
+        run_stage(name, ws / "params.yaml", over, root=ws)
+    assert (ws / "models" / "rf2.safetensors").is_file() and not (ws / "data/couplings/round-2").exists()
+    card = json.loads((ws / "models" / "distilled.json").read_text())
+    fp1 = read_manifest(ws / "data/couplings/round-1")["fingerprint"]
+    assert card["meta"]["pairs_round"] == 1 and card["meta"]["parent"] == "rf2"
+    assert card["meta"]["inputs"]["round-1"] == fp1 and "round-2" not in card["meta"]["inputs"]
+    rec = json.loads((ws / "metrics" / "reflow.json").read_text())
+    assert rec["rounds"][0]["couple"] == {} and rec["rounds"][0]["train"]["steps_run"] > 0
+    run_stage("evaluate", ws / "params.yaml", [*over, "quantize.variants=[]"], root=ws)
+    summary = json.loads((ws / "metrics" / "evaluate.json").read_text())
+    assert "transport_cost/round-1" in summary and "transport_cost/round-2" not in summary
