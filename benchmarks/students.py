@@ -2,7 +2,8 @@
 
 Per seed, in a temporary workspace and through the pipeline's own stages (prepare, pretrain,
 couple, reflow with ``params.yaml``'s settings), then the distill stage once per student, each on
-the same round-2 pairs of the same rf2 (the teacher):
+the same pairs (the last flow's round 2; for images the profile's ``distill.pairs_round`` 1, rf1's
+round-1 pairs) from the same rf2 (the teacher):
 
 - ``regression (teacher size)``: the default student (rf2's architecture, from its weights): the
   reference row.
@@ -22,8 +23,8 @@ Images: ``--small`` defaults to ``{channels: 16, attention: false}`` (120,033 pa
 U-Net's 485,185: 0.247×); the teacher-size row keeps the images profile's adversarial term, the
 small regression student too, SlimFlow and MeanFlow run without it. ``--reuse DIR ...`` (one
 finished workspace per seed, in the order of ``--seeds``) takes each run's prepare, rf1, rf2,
-round-2 pairs and (as the teacher-size row, not retrained) its ``distilled`` (a digits run costs
-~25 min on 2 cores).
+coupling rounds and (as the teacher-size row, not retrained) its ``distilled`` (a digits run costs
+~16 min on 2 cores).
 
 Run: ``python -m benchmarks.students [--seeds 0 1 2] [--quick]``;
 ``python -m benchmarks.students --target digits --seeds 0 1 --reuse /path/to/seed0 /path/to/seed1``.
@@ -126,6 +127,7 @@ def run(cfg: StudentsConfig, seed: int) -> dict[str, Any]:
     from rectflow.models import load_model
     from rectflow.nets import count_params
     from rectflow.params import load_params
+    from rectflow.stages import distill_round
     from benchmarks.fd_noise import FD_NOISE_SEED_OFFSET, model_features
     from rectflow.fd import extract_features, frechet_distance, load_feature_net
     from rectflow.io import file_sha256
@@ -146,7 +148,7 @@ def run(cfg: StudentsConfig, seed: int) -> dict[str, Any]:
         if cfg.reuse:  # verifies the copied round's shards by sha256, remakes any missing (seeded: the same pairs)
             from tasks.couple import run_round
 
-            _, t_chain["couple (repair)"] = common.timed(run_round, p, lay, p.reflow.rounds + 1)
+            _, t_chain["couple (repair)"] = common.timed(run_round, p, lay, distill_round(p))
         test = load_prepared(lay.prepared, "target", "test")
         images = len(test.shape) == 3
         # images: evaluate's sample size and draw, unless --n-eval says: then fd_noise's draw (10,000 paired
@@ -207,7 +209,8 @@ def run(cfg: StudentsConfig, seed: int) -> dict[str, Any]:
                   f"({rows[-1]['ratio_to_rf2_100']:.3f}× rf2@100), {rows[-1]['params']} params, "
                   f"{s['train_seconds']:.0f} s", file=sys.stderr, flush=True)
         return {"seed": seed, "teachers": teachers, "rows": rows, "chain_seconds": t_chain,
-                "metric": "fd" if images else "w2", "n_eval": n, "latency_batch": len(z_lat)}
+                "metric": "fd" if images else "w2", "n_eval": n, "latency_batch": len(z_lat),
+                "pairs_round": distill_round(p)}
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -237,11 +240,12 @@ def markdown(data: dict[str, Any]) -> str:
          else f"### Smaller one-step students on {cfg['target']}: {', '.join(cfg['only'])}"), "",
         f"Reproduce: `{data['command']}`"
         + (f" (`--reuse`: the workspace of a finished `rectflow run --set data.target={cfg['target']}` of each "
-           "seed, in the order of `--seeds`; its prepare, rf1, rf2, round-2 pairs and `distilled`, the "
+           "seed, in the order of `--seeds`; its prepare, rf1, rf2, coupling rounds and `distilled`, the "
            "teacher-size row, are taken as they are)" if cfg.get("reuse") else ""), "",
         f"N(0, I) → {cfg['target']}, seeds {', '.join(str(r['seed']) for r in runs)} (mean ± std); teacher rf2 "
         f"({runs[0]['teachers']['rf2']['params']:,} parameters) {metric} at 100 Euler steps {common.fmt_pm(t2, 4)} "
-        f"(rf1: {common.fmt_pm(t1, 4)}). Every student on the same round-2 pairs, one Euler step; small ones "
+        f"(rf1: {common.fmt_pm(t1, 4)}). Every student on the same round-{runs[0].get('pairs_round', 2)} pairs, "
+        "one Euler step, from rf2's weights or (small ones) "
         f"`{cfg['small']}` from random weights, {cfg['steps']} steps at lr {cfg['lr']} (SlimFlow: "
         f"{cfg['slim_reflow_steps']} of them annealing reflow)."
         + (" The regression students and `slimflow + adversarial` keep the images profile's adversarial term "

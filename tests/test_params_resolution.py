@@ -92,7 +92,9 @@ def test_a_bad_profile_key_names_the_profile_file(tmp_path):
 
 def test_a_check_across_sections_that_fails_only_with_the_profile_says_so(tmp_path):
     with pytest.raises(ParamsError, match=r"couple.reflowed: 20 steps > bellman.grid_points \(10\).*images profile"):
-        resolve(_write(tmp_path, "data: {target: digits}\nbellman: {grid_points: 10}\n"))
+        resolve(_write(tmp_path, "data: {target: digits}\nbellman: {grid_points: 10}\ndistill: {pairs_round: null}\n"))
+    # with the profile's own distill.pairs_round (1) no round 2 is made, and its settings are not checked
+    assert resolve(_write(tmp_path, "data: {target: digits}\nbellman: {grid_points: 10}\n")).params.distill.pairs_round == 1
 
 
 def test_resolved_digits_params_are_the_images_profile(root):
