@@ -62,8 +62,9 @@ def pair_noise(root: Path, n: int) -> tuple[Any, np.ndarray, dict[str, Any]]:
     return torch.as_tensor(np.concatenate(z0s)[:n]).float(), np.concatenate(z1s)[:n], man
 
 
-def fit_figures(root: Path, n: int, models: list[str]) -> dict[str, Any]:
-    """Part 1 (see the module docstring) for ``models`` (flows at 100 Euler steps, students at 1)."""
+def fit_figures(root: Path, n: int, models: list[str], pairs: tuple[Any, np.ndarray, dict[str, Any]]) -> dict[str, Any]:
+    """Part 1 (see the module docstring) for ``models`` (flows at 100 Euler steps, students at 1) on
+    ``pairs`` (:func:`pair_noise`, at least ``n``)."""
     from benchmarks.fd_noise import FD_NOISE_SEED_OFFSET, model_features
     from rectflow.data import load_prepared
     from rectflow.fd import extract_features, frechet_distance, load_feature_net
@@ -78,7 +79,7 @@ def fit_figures(root: Path, n: int, models: list[str]) -> dict[str, Any]:
     net_sha = file_sha256(prepared / "features.safetensors")
     train = load_prepared(prepared, "target", "train").data
     ref = extract_features(net, train.numpy())
-    z0, z1, man = pair_noise(root, n)
+    z0, z1, man = pairs[0][:n], pairs[1][:n], pairs[2]
     fresh = eval_noise(p, Layout(root), n, tuple(train.shape[1:]), seed_offset=FD_NOISE_SEED_OFFSET)
     base_pairs = frechet_distance(extract_features(net, z1), ref)
     base_fresh = frechet_distance(model_features(root / "models" / "rf1", fresh, 100, net, net_sha)[0], ref)
@@ -123,7 +124,8 @@ def accuracy_figures(root: Path, n: int, solvers: tuple[tuple[str, int], ...] = 
     return {"n": n, "rows": rows}
 
 
-def reconstruction_figures(root: Path, n: int, steps: tuple[int, ...] = RECON_STEPS) -> dict[str, Any]:
+def reconstruction_figures(root: Path, n: int, pairs: tuple[Any, np.ndarray, dict[str, Any]],
+                           steps: tuple[int, ...] = RECON_STEPS) -> dict[str, Any]:
     """Part 3: Euler reconstruction MSE of rf1 and rf2 at each of ``steps`` on ``n`` rows of each of
     held-out target data, rf1's samples (the round-1 pairs' Z1) and rf2's samples (100 Euler steps
     from fresh noise, fd_noise's draw)."""
@@ -142,7 +144,7 @@ def reconstruction_figures(root: Path, n: int, steps: tuple[int, ...] = RECON_ST
     rf2, _ = load_model(root / "models" / "rf2", "cpu")
     fresh = eval_noise(p, Layout(root), n, tuple(test.shape[1:]), seed_offset=FD_NOISE_SEED_OFFSET)
     sets = {"held-out target rows": test,
-            "rf1's samples (round-1 pairs' Z1)": torch.as_tensor(pair_noise(root, n)[1]).float(),
+            "rf1's samples (round-1 pairs' Z1)": torch.as_tensor(pairs[1][:n]).float(),
             "rf2's samples (100 Euler steps)": common.solve_chunked(rf2, fresh, 100)}
     rows = []
     with torch.inference_mode():
@@ -220,10 +222,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     common.set_threads()
     env = common.environment()
     parts = set(args.parts)
+    need = max([args.n] * ("fit" in parts) + [args.n_recon] * ("reconstruction" in parts), default=0)
+    pairs = pair_noise(root, need) if need else None  # the round-1 shards read once for both parts
     data = {"seed": seed, "label": args.label, "env": env,
-            "fit": fit_figures(root, args.n, args.models) if "fit" in parts else None,
+            "fit": fit_figures(root, args.n, args.models, pairs) if "fit" in parts else None,
             "accuracy": accuracy_figures(root, args.n_accuracy) if "accuracy" in parts else None,
-            "reconstruction": reconstruction_figures(root, args.n_recon) if "reconstruction" in parts else None,
+            "reconstruction": reconstruction_figures(root, args.n_recon, pairs) if "reconstruction" in parts else None,
             "command": "python -m benchmarks.reflow_fit " + shlex.join(argv if argv is not None else sys.argv[1:])}
     common.publish(NAME if args.label is None else f"{NAME}_{args.label}", data, markdown(data), args.quick)
     return data

@@ -543,6 +543,17 @@ class Params(Section):
     storage: StorageParams = StorageParams()
     schedule: ScheduleParams = ScheduleParams()
 
+    def distill_round(self) -> int:
+        """The coupling round the students learn from: ``distill.pairs_round``, else the last flow's own
+        (round ``reflow.rounds + 1``)."""
+        return self.distill.pairs_round or self.reflow.rounds + 1
+
+    def coupled_rounds(self) -> list[int]:
+        """The coupling rounds a run makes: 1 … ``reflow.rounds`` (each trains the next flow), and the
+        last flow's own round ``reflow.rounds + 1`` only when distillation learns from it."""
+        last = self.reflow.rounds + 1
+        return list(range(1, last)) + ([last] if self.distill_round() == last else [])
+
     @model_validator(mode="after")
     def _kinds_fit_data(self) -> Params:
         """A U-Net for a built-in vector target: say so before any stage runs (a file's shape is
@@ -571,8 +582,7 @@ class Params(Section):
             raise ValueError(f"couple.steps: {self.couple.steps} > bellman.grid_points ({top}), the largest K "
                              "of a saved BOSS schedule (couple.schedule is 'bellman')")
         later = self.couple.for_round(2)
-        round_two = self.reflow.rounds > 1 or self.distill.pairs_round in (None, 2)  # rectflow.stages.coupled_rounds
-        if round_two and later.schedule == "bellman" and later.steps > top:
+        if 2 in self.coupled_rounds() and later.schedule == "bellman" and later.steps > top:
             raise ValueError(f"couple.reflowed: {later.steps} steps > bellman.grid_points ({top}), the largest K "
                              "of a saved BOSS schedule (rounds ≥ 2 use schedule 'bellman')")
         for i, e in enumerate(self.evaluate.grid):

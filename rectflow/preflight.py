@@ -331,7 +331,7 @@ def stage_needs(name: str, p: Params, root: Path) -> list[Need]:
     elif name == "reflow":
         stream("reflow.batch_size", p.reflow.batch_size)
         bellman()
-        if p.reflow.rounds > 1 or p.distill.pairs_round in (None, 2):  # round 2 is made (rectflow.stages.coupled_rounds)
+        if 2 in p.coupled_rounds():
             couple_round(2)
     elif name == "distill":
         stream("distill.batch_size", p.distill.batch_size)

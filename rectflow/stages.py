@@ -44,16 +44,13 @@ def last_flow(p: Params) -> str:
 
 
 def distill_round(p: Params) -> int:
-    """The coupling round the students learn from: ``distill.pairs_round``, else the last flow's own
-    (round ``reflow.rounds + 1``)."""
-    return p.distill.pairs_round or p.reflow.rounds + 1
+    """The coupling round the students learn from (:meth:`rectflow.config.Params.distill_round`)."""
+    return p.distill_round()
 
 
 def coupled_rounds(p: Params) -> list[int]:
-    """The coupling rounds a run makes: 1 … ``reflow.rounds`` (each trains the next flow), and the
-    last flow's own round ``reflow.rounds + 1`` only when distillation learns from it."""
-    last = p.reflow.rounds + 1
-    return list(range(1, last)) + ([last] if distill_round(p) == last else [])
+    """The coupling rounds a run makes (:meth:`rectflow.config.Params.coupled_rounds`)."""
+    return p.coupled_rounds()
 
 
 def student_names(k: int) -> list[tuple[str, int]]:
