@@ -98,11 +98,12 @@ def test_a_check_across_sections_that_fails_only_with_the_profile_says_so(tmp_pa
 
 
 def test_resolved_digits_params_are_the_images_profile(root):
-    """The default digits run resolves to the images profile's values (round 1: 40k midpoint pairs;
+    """The default digits run resolves to the images profile's values (round 1: 40k bf16 midpoint pairs;
     round 2: its own solver, Euler, not round 1's midpoint)."""
     p = resolve(root / "params.yaml", ["data.target=digits"]).params
     assert (p.pretrain.steps, p.pretrain.batch_size, p.pretrain.lr, p.pretrain.precision) == (4000, 128, 5e-4, "bf16")
-    assert (p.couple.n_pairs, p.couple.solver, p.couple.steps, p.couple.shard_size) == (40_000, "midpoint", 12, 2500)
+    c = p.couple
+    assert (c.n_pairs, c.solver, c.steps, c.precision, c.shard_size) == (40_000, "midpoint", 16, "bf16", 2500)
     r2 = p.couple.for_round(2)
     assert (r2.n_pairs, r2.solver, r2.steps, r2.precision, r2.schedule) == (120_000, "euler", 20, "bf16", "bellman")
     assert (p.reflow.lr, p.reflow.time_dist, p.reflow.loss) == (2e-4, "u_shaped", "pseudo_huber")
