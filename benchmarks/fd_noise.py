@@ -105,22 +105,34 @@ def cached_features(key: str, make: Any, use_cache: bool = True) -> np.ndarray:
     return out
 
 
-def model_features(stem: Path, z: Any, steps: int, net: Any, net_sha: str, use_cache: bool = True) -> tuple[np.ndarray, int]:
+def model_features(stem: Path, z: Any, steps: int, net: Any, net_sha: str, use_cache: bool = True,
+                   p: Any = None) -> tuple[np.ndarray, int]:
     """Features ``(n, F)`` by ``net`` (whose weights hash to ``net_sha``) of the saved model ``stem``'s
     samples from ``z: (n, *shape)`` (fp32, in chunks of 2,500): a flow takes ``steps`` Euler steps, a
-    student its one; and that NFE. Cached (:func:`cached_features`) by the model's weights, the
-    feature net's and the draw."""
+    student its one; and that NFE (Euler steps). A conditional model generates row i for label
+    i mod K as evaluate does (:func:`tasks.classes.eval_labels`; in chunks of a multiple of K), at
+    evaluate's guidance scale for it under the workspace's params ``p``
+    (:func:`tasks.evaluate.guidance_of`; 1 without ``p``). Cached (:func:`cached_features`) by the
+    model's weights, the feature net's, the draw and, for a conditional model, K and w."""
     from rectflow.fd import extract_features
     from rectflow.io import file_sha256
     from rectflow.models import load_model
+    from tasks.classes import bind_eval_labels
+    from tasks.evaluate import guidance_of
 
     model, card = load_model(stem, "cpu")
     k = steps if card["meta"].get("role", "flow") == "flow" else 1
+    classes = int(card["arch"].get("classes", 0))
+    w = guidance_of(p, stem.name, card) if p is not None else 1.0
+    model = bind_eval_labels(model, card, w)
     draw = hashlib.sha256(z.numpy().tobytes()).hexdigest()[:16]
     key = f"{file_sha256(stem.with_suffix('.safetensors'))[:16]}-{net_sha[:16]}-{draw}-euler{k}"
+    key += f"-y{classes}-w{w:g}" if classes else ""
+
+    chunk = 2500 - 2500 % classes if classes else 2500  # a multiple of K: row i keeps label i mod K
 
     def make() -> np.ndarray:
-        return extract_features(net, common.solve_chunked(model, z, k).numpy())
+        return extract_features(net, common.solve_chunked(model, z, k, chunk).numpy())
 
     return cached_features(key, make, use_cache), k
 
@@ -161,7 +173,7 @@ def measure(root: Path, n: int, subset: int, steps: int, models: list[str], refe
     net_sha = file_sha256(prepared / "features.safetensors")
     feats, nfe = {}, {}
     for name in models:
-        feats[name], nfe[name] = model_features(root / "models" / name, z, steps, net, net_sha, use_cache)
+        feats[name], nfe[name] = model_features(root / "models" / name, z, steps, net, net_sha, use_cache, p)
         print(f"[fd_noise] {root.name} {name}: {nfe[name]} Euler step(s) on {n:,} draws", file=sys.stderr, flush=True)
     figs = subset_figures(feats, ref, subset, reference)
     evald = json.loads((root / "metrics" / "eval.json").read_text())["rows"]

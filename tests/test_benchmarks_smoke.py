@@ -274,3 +274,34 @@ def test_reflow_fit_markdown_renders_only_the_parts_run():
     with pytest.raises(SystemExit) as e:
         reflow_fit.main(["--workspace", "/nonexistent", "--parts", "nothing"])
     assert e.value.code == 2
+
+
+def test_fd_noise_conditional_model_gets_evaluate_labels_and_scale(tmp_path, monkeypatch):
+    """A conditional model in fd_noise generates row i for label i mod K (evaluate's labels), at
+    evaluate's guidance scale (rf1: couple.guidance), and is cached apart from other scales; 5,003
+    rows cross the 2,500-row chunks, which stay a multiple of K."""
+    import numpy as np
+    import torch
+
+    from benchmarks import fd_noise
+    from rectflow.config import Params
+    from rectflow.guidance import Guided
+    from rectflow.nets import build_model, save_model
+
+    monkeypatch.setattr(fd_noise, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr("rectflow.fd.extract_features", lambda net, x: x.reshape(len(x), -1))
+    arch = {"kind": "mlp", "shape": [2], "hidden": 16, "depth": 2, "time_embed": 8, "classes": 3}
+    torch.manual_seed(0)
+    net = build_model(arch)
+    save_model(tmp_path / "rf1", net.state_dict(), arch, {"role": "flow"})
+    z = torch.randn(5003, 2)
+    p = Params.model_validate({"couple": {"guidance": 2.0}})
+    got, nfe = fd_noise.model_features(tmp_path / "rf1", z, 1, None, "0" * 64, p=p)
+    y = torch.arange(5003) % 3
+    with torch.inference_mode():
+        want = z + Guided(net, y, 2.0)(z, torch.zeros(5003))
+    assert nfe == 1 and np.allclose(got, want.numpy(), atol=1e-6)
+    at_one, _ = fd_noise.model_features(tmp_path / "rf1", z, 1, None, "0" * 64)  # no params: w = 1
+    with torch.inference_mode():
+        assert np.allclose(at_one, (z + Guided(net, y, 1.0)(z, torch.zeros(5003))).numpy(), atol=1e-6)
+    assert sorted(f.name.split("-w")[-1] for f in (tmp_path / "cache").iterdir()) == ["1.npy", "2.npy"]
