@@ -82,12 +82,12 @@ def fit_figures(root: Path, n: int, models: list[str], pairs: tuple[Any, np.ndar
     z0, z1, man = pairs[0][:n], pairs[1][:n], pairs[2]
     fresh = eval_noise(p, Layout(root), n, tuple(train.shape[1:]), seed_offset=FD_NOISE_SEED_OFFSET)
     base_pairs = frechet_distance(extract_features(net, z1), ref)
-    base_fresh = frechet_distance(model_features(root / "models" / "rf1", fresh, 100, net, net_sha)[0], ref)
+    base_fresh = frechet_distance(model_features(root / "models" / "rf1", fresh, 100, net, net_sha, p=p)[0], ref)
     out: dict[str, Any] = {"n": n, "round1_solver": man["solver"], "round1_pairs": man["n_pairs"],
                            "rf1": {"fd_pairs": base_pairs, "fd_fresh": base_fresh}}
     for name in models:
         t0 = time.perf_counter()
-        feats_fresh, k = model_features(root / "models" / name, fresh, 100, net, net_sha)
+        feats_fresh, k = model_features(root / "models" / name, fresh, 100, net, net_sha, p=p)
         model, _ = load_model(root / "models" / name, "cpu")
         xp = common.solve_chunked(model, z0, k).numpy()
         fd_pairs = frechet_distance(extract_features(net, xp), ref)

@@ -127,7 +127,6 @@ def run(cfg: StudentsConfig, seed: int) -> dict[str, Any]:
     from rectflow.models import load_model
     from rectflow.nets import count_params
     from rectflow.params import load_params
-    from rectflow.stages import distill_round
     from benchmarks.fd_noise import FD_NOISE_SEED_OFFSET, model_features
     from rectflow.fd import extract_features, frechet_distance, load_feature_net
     from rectflow.io import file_sha256
@@ -148,7 +147,7 @@ def run(cfg: StudentsConfig, seed: int) -> dict[str, Any]:
         if cfg.reuse:  # verifies the copied round's shards by sha256, remakes any missing (seeded: the same pairs)
             from tasks.couple import run_round
 
-            _, t_chain["couple (repair)"] = common.timed(run_round, p, lay, distill_round(p))
+            _, t_chain["couple (repair)"] = common.timed(run_round, p, lay, p.distill_round())
         test = load_prepared(lay.prepared, "target", "test")
         images = len(test.shape) == 3
         # images: evaluate's sample size and draw, unless --n-eval says: then fd_noise's draw (10,000 paired
@@ -179,7 +178,7 @@ def run(cfg: StudentsConfig, seed: int) -> dict[str, Any]:
         with torch.inference_mode():
             for name in ("rf1", "rf2"):
                 m, _ = load_model(lay.model(name), "cpu")
-                q = (frechet_distance(model_features(lay.model(name), z, 100, net, net_sha)[0], ref_feats) if large
+                q = (frechet_distance(model_features(lay.model(name), z, 100, net, net_sha, p=p)[0], ref_feats) if large
                      else quality(common.solve_chunked(m, z, 100)))
                 teachers[name] = {"w2_100": q, "params": count_params(m)}
         rows = []
@@ -210,7 +209,7 @@ def run(cfg: StudentsConfig, seed: int) -> dict[str, Any]:
                   f"{s['train_seconds']:.0f} s", file=sys.stderr, flush=True)
         return {"seed": seed, "teachers": teachers, "rows": rows, "chain_seconds": t_chain,
                 "metric": "fd" if images else "w2", "n_eval": n, "latency_batch": len(z_lat),
-                "pairs_round": distill_round(p)}
+                "pairs_round": p.distill_round()}
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

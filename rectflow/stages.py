@@ -23,7 +23,7 @@ from typing import Literal
 from rectflow.config import Params
 
 __all__ = [
-    "DDP_STAGES", "PIPELINE", "REGISTRY", "STAGES", "Out", "Stage", "check_data_inputs", "coupled_rounds", "data_inputs", "distill_round", "flow_names", "last_flow", "stage",
+    "DDP_STAGES", "PIPELINE", "REGISTRY", "STAGES", "Out", "Stage", "check_data_inputs", "data_inputs", "flow_names", "last_flow", "stage",
     "student_names", "variant_names",
 ]
 
@@ -41,16 +41,6 @@ def flow_names(p: Params) -> list[str]:
 def last_flow(p: Params) -> str:
     """The flow distillation learns from: rf{rounds + 1}."""
     return f"rf{p.reflow.rounds + 1}"
-
-
-def distill_round(p: Params) -> int:
-    """The coupling round the students learn from (:meth:`rectflow.config.Params.distill_round`)."""
-    return p.distill_round()
-
-
-def coupled_rounds(p: Params) -> list[int]:
-    """The coupling rounds a run makes (:meth:`rectflow.config.Params.coupled_rounds`)."""
-    return p.coupled_rounds()
 
 
 def student_names(k: int) -> list[tuple[str, int]]:
@@ -124,7 +114,7 @@ def _reflow_outputs(p: Params) -> list[Out]:
     outs: list[Out] = []
     for r in range(1, p.reflow.rounds + 1):
         outs += [Out(f) for f in _model(f"rf{r + 1}", schedule=True)] + [_history(f"rf{r + 1}")]
-        outs += [Out(_round(r + 1))] if r + 1 in coupled_rounds(p) else []
+        outs += [Out(_round(r + 1))] if r + 1 in p.coupled_rounds() else []
     return outs + [_metrics("reflow")]
 
 
@@ -134,7 +124,7 @@ def _student_files(p: Params) -> list[str]:
 
 def _evaluate_inputs(p: Params) -> list[str]:
     flows = flow_names(p)
-    files = ["data/prepared", *(_round(k) for k in coupled_rounds(p))]
+    files = ["data/prepared", *(_round(k) for k in p.coupled_rounds())]
     for name in flows:
         files += [f"models/{name}.safetensors", f"models/{name}.schedule.json"]
     return files + [f"models/{name}.safetensors" for name, _ in student_names(p.distill.k)] + [
@@ -204,7 +194,7 @@ REGISTRY: tuple[Stage, ...] = (
     Stage(
         "distill", "the one-step student (and a k-step one) of the last flow, on its pairs",
         params=("seed", "reflow.rounds", "distill", "storage"),
-        inputs=lambda p: ["data/prepared", _round(distill_round(p)), *_model(last_flow(p))],  # SlimFlow draws ε
+        inputs=lambda p: ["data/prepared", _round(p.distill_round()), *_model(last_flow(p))],  # SlimFlow draws ε
         outputs=lambda p: [*(Out(f) for f in _student_files(p)),
                            *(_history(name) for name, _ in student_names(p.distill.k)), _metrics("distill")],
         ddp=True,

@@ -29,7 +29,7 @@ from rectflow.data import load_prepared
 from rectflow.layout import Layout
 from rectflow.nets import arch_from_params, build_model, load_state, read_model_card
 from rectflow.objectives import MeanFlowLoss, Objective, SlimFlowLoss
-from rectflow.stages import distill_round, last_flow, student_names
+from rectflow.stages import last_flow, student_names
 from tasks._common import device, model_sha, open_pairs, teacher, train_and_save
 
 
@@ -65,7 +65,7 @@ def _objective(p: Params, layout: Layout, parent: str, k: int, dev: torch.device
 
 def run(p: Params, layout: Layout) -> dict:
     dev = device()
-    pairs_round = distill_round(p)
+    pairs_round = p.distill_round()
     parent = last_flow(p)
     card = read_model_card(layout.model(parent))
     arch = student_arch(p, card["arch"])

@@ -436,9 +436,8 @@ def _summary(p: Params, layout: Layout, rows: list[dict], z0: torch.Tensor, ref:
     m = min(len(ref), len(z0))
     perm = torch.randperm(len(ref), generator=torch.Generator().manual_seed(0))[:m]
     out["transport_cost/independent"] = metrics.transport_cost(z0.cpu()[:m], ref[perm])
-    from rectflow.stages import coupled_rounds
 
-    for k in coupled_rounds(p):
+    for k in p.coupled_rounds():
         man = read_manifest(layout.round_dir(k))
         out[f"transport_cost/round-{k}"] = sum(s["cost_sum"] for s in man["shards"]) / man["n_pairs"]
     return out

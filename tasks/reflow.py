@@ -3,7 +3,7 @@
 Round r (r = 1 … ``reflow.rounds``) trains ``rf{r+1}`` on ``data/couplings/round-r`` (pairs streamed
 from the shards in shuffled order) starting from ``rf{r}``'s weights, then couples round r + 1 from
 ``rf{r+1}``: the pairs that the next round, or distillation, learns from (the last round only when
-distillation does: ``distill.pairs_round``, :func:`rectflow.stages.coupled_rounds`). Every ``rf{r+1}``
+distillation does: ``distill.pairs_round``, :meth:`rectflow.config.Params.coupled_rounds`). Every ``rf{r+1}``
 gets its BOSS step schedules beside it (``models/rf{r+1}.schedule.json``, section ``bellman``).
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 from rectflow.config import Params
 from rectflow.layout import Layout
 from rectflow.nets import build_model, load_state
-from rectflow.stages import coupled_rounds
 from tasks._common import device, model_sha, open_pairs, rank_world, save_flow_schedule, train_and_save
 from tasks.couple import ShardExecutor, run_round
 
@@ -56,7 +55,7 @@ def run(p: Params, layout: Layout, shard_executor: ShardExecutor | None = None) 
         trained = train_on_pairs(p, layout, r)
         # Under torchrun, rank 0 alone couples the next round (on Dask if so configured); the
         # other ranks wait for it, since the next round trains on those pairs.
-        coupled = run_round(p, layout, r + 1, shard_executor) if rank == 0 and r + 1 in coupled_rounds(p) else {}
+        coupled = run_round(p, layout, r + 1, shard_executor) if rank == 0 and r + 1 in p.coupled_rounds() else {}
         if world > 1:
             import torch.distributed as dist
 

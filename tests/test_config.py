@@ -106,17 +106,17 @@ def test_reflowed_rounds_take_their_own_couple_settings():
 def test_distill_pairs_round_within_the_rounds_made():
     """distill.pairs_round: null is the last round (the recipe); K ≤ reflow.rounds + 1; the rounds a run
     makes drop the last one when the students learn another (rectflow.stages)."""
-    from rectflow.stages import coupled_rounds, distill_round, stage
+    from rectflow.stages import stage
 
     p = Params()
-    assert p.distill.pairs_round is None and distill_round(p) == 2 and coupled_rounds(p) == [1, 2]
+    assert p.distill.pairs_round is None and p.distill_round() == 2 and p.coupled_rounds() == [1, 2]
     one = validate({"distill": {"pairs_round": 1}})
-    assert distill_round(one) == 1 and coupled_rounds(one) == [1]
+    assert one.distill_round() == 1 and one.coupled_rounds() == [1]
     assert "data/couplings/round-2" not in [o.path for o in stage("reflow").outputs(one)]
     assert "data/couplings/round-2" in [o.path for o in stage("reflow").outputs(p)]
     assert "data/couplings/round-1" in stage("distill").inputs(one)
     three = validate({"reflow": {"rounds": 2}, "distill": {"pairs_round": 2}})
-    assert coupled_rounds(three) == [1, 2] and distill_round(three) == 2
+    assert three.coupled_rounds() == [1, 2] and three.distill_round() == 2
     with pytest.raises(ParamsError, match=r"distill.pairs_round: 3 > reflow.rounds \+ 1 \(2\)"):
         validate({"distill": {"pairs_round": 3}})
     with pytest.raises(ParamsError, match="distill.pairs_round"):
