@@ -65,6 +65,7 @@ class StudentsConfig:
     extra: list[str] = field(default_factory=list)  # overrides for every stage (--quick shrinks it)
     reuse: str | None = None  # a finished workspace whose chain (and distilled) are taken (this seed's)
     only: list[str] = field(default_factory=list)  # the student rows to run (empty: all)
+    overrides: list[str] = field(default_factory=list)  # --set KEY=VALUE: every trained student's distill
 
 
 def students(cfg: StudentsConfig) -> list[tuple[str, list[str] | None]]:
@@ -86,7 +87,8 @@ def students(cfg: StudentsConfig) -> list[tuple[str, list[str] | None]]:
     ]
     if not cfg.only:  # the adversarial SlimFlow row only where the profile has the term (images), or asked
         rows = [r for r in rows if r[0] != "slimflow + adversarial (small)" or cfg.target == "digits"]
-    return [r for r in rows if not cfg.only or r[0] in cfg.only]
+    rows = [r for r in rows if not cfg.only or r[0] in cfg.only]
+    return [(label, None if extra is None else [*extra, *cfg.overrides]) for label, extra in rows]
 
 
 def _reuse(src: Path, root: Path) -> None:
@@ -249,7 +251,9 @@ def markdown(data: dict[str, Any]) -> str:
         f"{cfg['slim_reflow_steps']} of them annealing reflow)."
         + (" The regression students and `slimflow + adversarial` keep the images profile's adversarial term "
            "(weight 0.01); `slimflow` and MeanFlow run without it. FD: the evaluate stage's (its frozen feature net, against the training "
-           f"split), on {runs[0].get('n_eval', 1000):,} samples per model, the same draw for every model of a seed." if metric == "FD" else ""),
+           f"split), on {runs[0].get('n_eval', 1000):,} samples per model, the same draw for every model of a seed." if metric == "FD" else "")
+        + (" Overrides of every student trained here (they win over the above): "
+           + ", ".join(f"`{o}`" for o in cfg["overrides"]) + "." if cfg.get("overrides") else ""),
         "",
         common.md_table(["student", "parameters", f"{metric} @1", "÷ rf2 @100", "÷ rf1 @100", "µs/sample b1",
                          f"µs/sample b{lb}", "train s"], rows),
@@ -269,13 +273,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--reuse", nargs="+", default=None,
                     help="finished workspaces, one per seed (same order): their chain and distilled are taken")
     ap.add_argument("--only", nargs="*", default=[], help="student rows to run (labels)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="a params override for every student trained here (after the row's own), e.g. "
+                         "distill.adversarial.weight=0.05; repeatable")
+    ap.add_argument("--label", default=None,
+                    help="name of the result and its BENCHMARKS section (default: from the target and --only)")
     ap.add_argument("--n-eval", type=int, default=None,
                     help="samples per model for the quality figure (images: default evaluate.n_samples; the same draw for every model)")
     args = ap.parse_args(argv)
     small = args.small or SMALL.get(args.target, SMALL["moons"])
     cfg = StudentsConfig(target=args.target, small=small, steps=args.steps, lr=args.lr,
-                         slim_reflow_steps=args.steps // 2, only=args.only,
+                         slim_reflow_steps=args.steps // 2, only=args.only, overrides=args.overrides,
                          n_eval=args.n_eval or StudentsConfig.n_eval, n_eval_images=args.n_eval)
+    for o in args.overrides:
+        if "=" not in o or not o.split("=", 1)[0].startswith("distill."):
+            ap.error(f"--set {o}: expected distill.KEY=VALUE (the students are the distill stage's)")
+    if args.label is not None and not re.fullmatch(r"[a-z0-9_]+", args.label):
+        ap.error(f"--label {args.label!r}: expected lower-case letters, digits and _")
     if args.n_eval is not None and args.n_eval < 2:
         ap.error(f"--n-eval {args.n_eval}: need at least 2 samples")
     if args.reuse is not None and len(args.reuse) != len(args.seeds):
@@ -303,7 +317,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = {"config": cfg.__dict__ | {"reuse": args.reuse}, "runs": runs, "aggregate": aggregate(runs), "env": env,
             "command": "python -m benchmarks.students " + shlex.join(argv if argv is not None else sys.argv[1:])}
     name = NAME if args.target == "moons" else f"{NAME}_{args.target}"
-    if args.only:  # a subset of the rows: a result (and section) of its own, beside the full one
+    if args.label:
+        name += "_" + args.label
+    elif args.only:  # a subset of the rows: a result (and section) of its own, beside the full one
         name += "_" + "_".join(re.sub(r"[^a-z0-9]+", "_", o.lower()).strip("_") for o in args.only)
     common.publish(name, data, markdown(data), args.quick)
     print(json.dumps(data["aggregate"], indent=1, default=str))

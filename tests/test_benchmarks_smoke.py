@@ -141,6 +141,24 @@ def test_students_quick(tmp_path, monkeypatch):
     assert "| slimflow (small) |" in students.markdown(data)
 
 
+def test_students_overrides_reach_only_the_trained_rows():
+    """--set lands after each trained row's own overrides (so it wins); the reused workspace's
+    student is taken as it is; a --set outside distill, or a bad --label, is one argparse line."""
+    from benchmarks import students
+
+    cfg = students.StudentsConfig(target="digits", small=students.SMALL["digits"], reuse="/ws",
+                                  only=["regression (teacher size)", "regression (small)"],
+                                  overrides=["distill.adversarial.weight=0.05"])
+    rows = dict(students.students(cfg))
+    assert rows["regression (teacher size)"] is None
+    assert rows["regression (small)"][-1] == "distill.adversarial.weight=0.05"
+    assert rows["regression (small)"][0] == "distill.student={channels: 16, attention: false}"
+    for argv in (["--set", "pretrain.steps=3"], ["--set", "distill.lr"], ["--label", "Bad Label"]):
+        with pytest.raises(SystemExit) as e:
+            students.main(argv)
+        assert e.value.code == 2
+
+
 @pytest.mark.timeout(120)
 def test_unet_benchmark_quick(tmp_path, monkeypatch):
     """The U-Net benchmark, smoke-sized: peaks, FLOPs per sample, every eager variant and the loop
