@@ -5,7 +5,8 @@
    rate of the same network at the same batch size divided by the NFE per pair
    (``batch × forwards/s ÷ NFE``), measured in the same process just before and just after
    (the better of the two is the limit). Euler with 100 steps (NFE exactly 100) in fp32 and bf16
-   autocast, and adaptive RK45 (limit from the measured NFE).
+   autocast, and adaptive RK45 (limit from the measured NFE). ``--target digits``: the images
+   profile's U-Net and round-1 solver (midpoint, 16 steps: NFE 32) at its batch, fp32 and bf16.
 2. Training: samples per second of :func:`rectflow.train.train` (batch source, p(t), AdamW, warm-up,
    clipping, EMA, loss bookkeeping) against a bare loop of forward + MSE + backward + AdamW step on
    one fixed batch, same network, batch, optimizer and precision, same process, in ``repeats``
@@ -41,7 +42,8 @@ class ThroughputConfig:
     pretrain_steps: int = 300  # a trained-ish field, so that RK45's NFE is realistic
     n_pairs: int = 50_000
     couple_batch: int = 10_000
-    euler_steps: int = 100
+    solver: str = "euler"  # the fixed-step solver of the couple cases (NFE per pair: steps × its stages)
+    steps: int = 100
     rk45: bool = True
     bf16: bool = True
     train_steps: int = 400
@@ -51,12 +53,12 @@ class ThroughputConfig:
     wait_s: float = 0.0
 
 
-# The images profile's couple on digits (its U-Net, batch 2500): 20 Euler steps instead of round 1's
-# 100 keep the run short; the ratio to the forward limit does not depend on the step count.
-DIGITS = ThroughputConfig(target="digits", pretrain_steps=200, n_pairs=10_000, couple_batch=2500, euler_steps=20,
-                          rk45=False, bf16=True)
+# The images profile's round 1 on digits: its U-Net at its batch (2500), 16 midpoint steps (NFE 32), fp32 and
+# bf16 autocast (the profile's precision) on a briefly trained rf1 (the rate does not depend on the weights).
+DIGITS = ThroughputConfig(target="digits", pretrain_steps=200, n_pairs=10_000, couple_batch=2500, solver="midpoint",
+                          steps=16, rk45=False, bf16=True)
 
-QUICK = ThroughputConfig(pretrain_steps=50, n_pairs=4000, couple_batch=2000, euler_steps=20, rk45=True, bf16=False,
+QUICK = ThroughputConfig(pretrain_steps=50, n_pairs=4000, couple_batch=2000, steps=20, rk45=True, bf16=False,
                          train_steps=40, repeats=1, train_settings=((64, 3, 256),))
 
 
@@ -99,7 +101,7 @@ def forward_rate(model, shape: tuple[int, ...], batch: int, precision: str, warm
 
 
 def couple_case(root: Path, base: list[str], solver: str, precision: str, cfg: ThroughputConfig, model, shape) -> dict[str, Any]:
-    ov = base + [f"couple.solver={solver}", f"couple.steps={cfg.euler_steps}", f"couple.precision={precision}"]
+    ov = base + [f"couple.solver={solver}", f"couple.steps={cfg.steps}", f"couple.precision={precision}"]
     shutil.rmtree(root / "data" / "couplings", ignore_errors=True)
     load_before = common.loadavg()
     lim_before = forward_rate(model, shape, cfg.couple_batch, precision)
@@ -145,7 +147,8 @@ def couple_benchmark(cfg: ThroughputConfig) -> list[dict[str, Any]]:
 
         model, card = load_model(Layout(root).model("rf1"), pick_device())
         shape = tuple(card["arch"]["shape"])
-        cases = [("euler", "fp32")] + ([("euler", "bf16")] if cfg.bf16 else []) + ([("rk45", "fp32")] if cfg.rk45 else [])
+        cases = ([(cfg.solver, "fp32")] + ([(cfg.solver, "bf16")] if cfg.bf16 else [])
+                 + ([("rk45", "fp32")] if cfg.rk45 else []))
         out = []
         for solver, precision in cases:
             r = couple_case(root, base, solver, precision, cfg, model, shape)
@@ -304,9 +307,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="digits: couple with the images profile's U-Net (batch 2500, 20 Euler steps, fp32 and bf16)")
     ap.add_argument("--skip-couple", action="store_true")
     ap.add_argument("--skip-training", action="store_true")
-    ap.add_argument("--tag", default=None, help="a variant's name (e.g. gpu): results throughput-TAG.json, its own section")
+    ap.add_argument("--tag", default=None, help="a variant's name (e.g. gpu): results throughput-TAG.json, its own section "
+                    "(default with --target digits: digits, so the moons section stays)")
     ap.add_argument("--report-only", type=Path, default=None, metavar="JSON", help="no run: re-render a saved result")
     args = ap.parse_args(argv)
+    if args.tag is None and args.target != "moons":
+        args.tag = args.target
     if args.report_only:
         data = json.loads(args.report_only.read_text())
         name = NAME + (f"-{data['tag']}" if data.get("tag") else "")
@@ -315,7 +321,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(markdown(data))
         return data
     if args.target == "digits":
-        base = replace(DIGITS, pretrain_steps=20, n_pairs=500, couple_batch=250, euler_steps=5) if args.quick else DIGITS
+        base = replace(DIGITS, pretrain_steps=20, n_pairs=500, couple_batch=250, steps=3) if args.quick else DIGITS
     else:
         base = QUICK if args.quick else ThroughputConfig()
     cfg = replace(base, max_load=args.max_load, wait_s=args.wait_for_quiet)
