@@ -288,8 +288,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for o in args.overrides:
         if "=" not in o or not o.split("=", 1)[0].startswith("distill."):
             ap.error(f"--set {o}: expected distill.KEY=VALUE (the students are the distill stage's)")
-    if args.label is not None and not re.fullmatch(r"[a-z0-9_]+", args.label):
-        ap.error(f"--label {args.label!r}: expected lower-case letters, digits and _")
+    from rectflow.errors import InputError
+    from rectflow.params import load_params
+
+    try:  # unknown keys and bad values: one line now, not after the first seed's minutes
+        load_params(common.PARAMS, [f"data.target={args.target}", *args.overrides])
+        common.result_label(args.label)
+    except (InputError, ValueError) as e:
+        ap.error(str(e))
     if args.n_eval is not None and args.n_eval < 2:
         ap.error(f"--n-eval {args.n_eval}: need at least 2 samples")
     if args.reuse is not None and len(args.reuse) != len(args.seeds):

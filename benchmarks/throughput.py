@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--require-quiet", action="store_true",
                     help="measure nothing (exit 3) if the load is still at or above --max-load after waiting")
     ap.add_argument("--target", choices=["moons", "digits"], default="moons",
-                    help="digits: couple with the images profile's U-Net (batch 2500, 20 Euler steps, fp32 and bf16)")
+                    help="digits: couple with the images profile's U-Net and round-1 solver (batch 2500, 16 midpoint steps, fp32 and bf16)")
     ap.add_argument("--skip-couple", action="store_true")
     ap.add_argument("--skip-training", action="store_true")
     ap.add_argument("--tag", default=None, help="a variant's name (e.g. gpu): results throughput-TAG.json, its own section "

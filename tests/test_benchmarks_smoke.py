@@ -153,7 +153,8 @@ def test_students_overrides_reach_only_the_trained_rows():
     assert rows["regression (teacher size)"] is None
     assert rows["regression (small)"][-1] == "distill.adversarial.weight=0.05"
     assert rows["regression (small)"][0] == "distill.student={channels: 16, attention: false}"
-    for argv in (["--set", "pretrain.steps=3"], ["--set", "distill.lr"], ["--label", "Bad Label"]):
+    for argv in (["--set", "pretrain.steps=3"], ["--set", "distill.lr"], ["--set", "distill.no_such_key=1"],
+                 ["--set", "distill.lr=-1"], ["--label", "Bad Label"]):
         with pytest.raises(SystemExit) as e:
             students.main(argv)
         assert e.value.code == 2

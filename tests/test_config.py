@@ -105,7 +105,7 @@ def test_reflowed_rounds_take_their_own_couple_settings():
 
 def test_distill_pairs_round_within_the_rounds_made():
     """distill.pairs_round: null is the last round (the recipe); K ≤ reflow.rounds + 1; the rounds a run
-    makes drop the last one when the students learn another (rectflow.stages)."""
+    makes drop the last one when the students learn another (Params.coupled_rounds; the stage registry follows)."""
     from rectflow.stages import stage
 
     p = Params()
