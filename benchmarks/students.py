@@ -12,6 +12,9 @@ round-1 pairs) from the same rf2 (the teacher):
   with the same total steps and learning rate (SlimFlow: ``reflow_steps`` of annealing reflow then
   the rest as distillation).
 - ``meanflow (teacher size)``: MeanFlow with rf2's architecture (random weights).
+- ``online (small)`` (only when named in ``--only``): the small student distilled online from the
+  teacher-size row's student (``distill.teacher_model``: fresh source noise every batch, that
+  student's one-step outputs as targets), which then runs (or is taken from ``--reuse``) first.
 
 Each student: W2 after one Euler step (MeanFlow: z1 = z0 + u(z0, 0, 1)) on the evaluate stage's
 noise against the held-out target (exact W2, :func:`rectflow.metrics.w2`), for images (digits) the
@@ -49,6 +52,7 @@ from benchmarks import common
 NAME = "students"
 
 
+TEACHER_STEM = "teachers/distilled"  # where the teacher-size row's student is kept for ``online (small)``
 SMALL = {"moons": "{hidden: 112, depth: 3}", "digits": "{channels: 16, attention: false}"}
 
 
@@ -82,12 +86,18 @@ def students(cfg: StudentsConfig) -> list[tuple[str, list[str] | None]]:
         ("slimflow + adversarial (small)", [small, *rnd[1:], "distill.method=slimflow",
                                             f"distill.steps={cfg.steps - cfg.slim_reflow_steps}",
                                             f"distill.slimflow.reflow_steps={cfg.slim_reflow_steps}"]),
+        ("online (small)", [small, *rnd, f"distill.teacher_model={TEACHER_STEM}"]),
         ("meanflow (small)", [small, *rnd, *plain, "distill.method=meanflow"]),
         ("meanflow (teacher size)", [*rnd, *plain, "distill.method=meanflow"]),
     ]
     if not cfg.only:  # the adversarial SlimFlow row only where the profile has the term (images), or asked
         rows = [r for r in rows if r[0] != "slimflow + adversarial (small)" or cfg.target == "digits"]
-    rows = [r for r in rows if not cfg.only or r[0] in cfg.only]
+    if not cfg.only:  # online distillation of the teacher-size student: asked for by name (--only)
+        rows = [r for r in rows if r[0] != "online (small)"]
+    only = list(cfg.only)
+    if "online (small)" in only and "regression (teacher size)" not in only:
+        only.append("regression (teacher size)")  # its teacher, run (or taken) first: rows keep their order
+    rows = [r for r in rows if not only or r[0] in only]
     return [(label, None if extra is None else [*extra, *cfg.overrides]) for label, extra in rows]
 
 
@@ -189,6 +199,10 @@ def run(cfg: StudentsConfig, seed: int) -> dict[str, Any]:
                 rec, secs = json.loads((Path(cfg.reuse) / "metrics" / "distill.json").read_text()), 0.0
             else:
                 rec, secs = common.timed(common.run_stage, "distill", root, ov + extra)
+            if label == "regression (teacher size)":  # the teacher of ``online (small)``, kept apart
+                (root / TEACHER_STEM).parent.mkdir(parents=True, exist_ok=True)
+                for suffix in (".json", ".safetensors"):
+                    shutil.copy2(lay.model("distilled").with_suffix(suffix), (root / TEACHER_STEM).with_suffix(suffix))
             model, card = load_model(lay.model("distilled"), "cpu")
             x = common.solve_chunked(model, z, 1)
             s = rec["students"][0]
@@ -249,6 +263,9 @@ def markdown(data: dict[str, Any]) -> str:
         "one Euler step, from rf2's weights or (small ones) "
         f"`{cfg['small']}` from random weights, {cfg['steps']} steps at lr {cfg['lr']} (SlimFlow: "
         f"{cfg['slim_reflow_steps']} of them annealing reflow)."
+        + (" `online (small)` reads no pairs: fresh N(0, I) every batch, the teacher-size row's one-step output "
+           "as its target (`distill.teacher_model`), with the same adversarial term."
+           if any(a["student"] == "online (small)" for a in agg) else "")
         + (" The regression students and `slimflow + adversarial` keep the images profile's adversarial term "
            "(weight 0.01); `slimflow` and MeanFlow run without it. FD: the evaluate stage's (its frozen feature net, against the training "
            f"split), on {runs[0].get('n_eval', 1000):,} samples per model, the same draw for every model of a seed." if metric == "FD" else "")
@@ -311,11 +328,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ap.error(f"--reuse {w}: a run of seed {made}, not of seed {seed} (give one workspace per seed, "
                      "in the order of --seeds)")
     if args.quick:
-        cfg = StudentsConfig(target=args.target, small=small, steps=40, slim_reflow_steps=20, n_eval=500,
-                             repeats=2, extra=["pretrain.steps=30", "reflow.steps=30", "couple.n_pairs=2000",
-                                               "couple.shard_size=1000", "couple.batch_size=1000", "couple.solver=euler",
-                                               "couple.steps=10", "couple.reflowed.steps=10", "distill.steps=40",
-                                               "distill.checkpoint_every=1000"])
+        cfg = replace(cfg, steps=40, slim_reflow_steps=20, n_eval=500, n_eval_images=None,  # --only, --set kept
+                      repeats=2, extra=["pretrain.steps=30", "reflow.steps=30", "couple.n_pairs=2000",
+                                          "couple.shard_size=1000", "couple.batch_size=1000", "couple.solver=euler",
+                                          "couple.steps=10", "couple.reflowed.steps=10", "distill.steps=40",
+                                          "distill.checkpoint_every=1000"])
     common.set_threads()
     env = common.environment()
     reuse = args.reuse or [None] * len(args.seeds)

@@ -353,12 +353,26 @@ class DistillParams(TrainParams):
         None, description="The students' own architecture (keys as in `model`; kind auto follows the data). "
         "None: the teacher's, initialised from its weights; another architecture starts from random weights.",
     )
+    teacher_model: str | None = Field(
+        None, description="Online distillation from a trained one-step model: the stem (path without suffix, "
+        "relative to the project or absolute) of a student saved by an earlier distill stage, e.g. a copy of the "
+        "teacher-size models/distilled. Every batch then draws fresh source noise Z0 and targets that model's "
+        "one-step output, instead of the stored pairs (never the same pair twice: a small distill.student "
+        "over-fits 40k fixed pairs). method: regression only; null: the pairs (the recipe).",
+    )
     steps: PosInt = 3000
     lr: PosFloat = 2e-4
     warmup: NonNegInt = 0
 
     @model_validator(mode="after")
     def _method_options(self) -> DistillParams:
+        if self.teacher_model is not None:
+            if self.method != "regression":
+                raise ValueError(f"distill.teacher_model: online distillation is for distill.method 'regression', "
+                                 f"got {self.method!r}")
+            if not self.teacher_model.strip() or self.teacher_model.endswith((".json", ".safetensors")):
+                raise ValueError(f"distill.teacher_model: expected a model stem (a path without .json or "
+                                 f".safetensors), got {self.teacher_model!r}")
         if not self.guidance_range[0] <= self.guidance_range[1]:
             raise ValueError(f"distill.guidance_range: expected lo ≤ hi, got {list(self.guidance_range)}")
         if self.adversarial.weight > 0 and self.method == "meanflow":

@@ -122,6 +122,13 @@ def _student_files(p: Params) -> list[str]:
     return [f for name, _ in student_names(p.distill.k) for f in _model(name)]
 
 
+def _teacher_model(p: Params) -> list[str]:
+    """``distill.teacher_model``'s files (online distillation), as the project-relative or absolute paths
+    the user gave."""
+    stem = p.distill.teacher_model
+    return [] if stem is None else [f"{stem}.json", f"{stem}.safetensors"]
+
+
 def _evaluate_inputs(p: Params) -> list[str]:
     flows = flow_names(p)
     files = ["data/prepared", *(_round(k) for k in p.coupled_rounds())]
@@ -194,7 +201,8 @@ REGISTRY: tuple[Stage, ...] = (
     Stage(
         "distill", "the one-step student (and a k-step one) of the last flow, on its pairs",
         params=("seed", "reflow.rounds", "distill", "storage"),
-        inputs=lambda p: ["data/prepared", _round(p.distill_round()), *_model(last_flow(p))],  # SlimFlow draws ε
+        inputs=lambda p: ["data/prepared", _round(p.distill_round()), *_model(last_flow(p)),  # SlimFlow draws ε
+                          *_teacher_model(p)],
         outputs=lambda p: [*(Out(f) for f in _student_files(p)),
                            *(_history(name) for name, _ in student_names(p.distill.k)), _metrics("distill")],
         ddp=True,
