@@ -153,6 +153,11 @@ def test_students_overrides_reach_only_the_trained_rows():
     assert rows["regression (teacher size)"] is None
     assert rows["regression (small)"][-1] == "distill.adversarial.weight=0.05"
     assert rows["regression (small)"][0] == "distill.student={channels: 16, attention: false}"
+    online = students.students(students.StudentsConfig(target="digits", small=students.SMALL["digits"],
+                                                       only=["online (small)"]))
+    assert [label for label, _ in online] == ["regression (teacher size)", "online (small)"]  # its teacher first
+    assert online[1][1][-1] == f"distill.teacher_model={students.TEACHER_STEM}"
+    assert "online (small)" not in dict(students.students(students.StudentsConfig(target="digits")))  # asked by name
     for argv in (["--set", "pretrain.steps=3"], ["--set", "distill.lr"], ["--set", "distill.no_such_key=1"],
                  ["--set", "distill.lr=-1"], ["--label", "Bad Label"]):
         with pytest.raises(SystemExit) as e:
